@@ -32,7 +32,7 @@ export async function getJson(path) {
 export function describeFailure(result) {
   switch (result.kind) {
     case 'unreachable':
-      return 'no answer (network error)';
+      return 'no answer, network error';
     case 'http':
       return `HTTP ${result.status}${result.statusText ? ` ${result.statusText}` : ''}`;
     case 'not-json':

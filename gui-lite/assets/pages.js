@@ -44,7 +44,7 @@ export async function loadStatus() {
     setText(alert, '');
   } else {
     const failure = result.kind === 'ok' ? 'HTTP 200, but the JSON is not an object' : describeFailure(result);
-    setText(alert, `The node's API is unreachable: GET /api/status answered ${failure}.`);
+    setText(alert, `The node's API is unreachable (GET /api/status: ${failure}).`);
   }
   setText(byId('status-peer-id'), text(status?.peer_id));
   setText(byId('status-version'), text(status?.version));
@@ -98,16 +98,16 @@ function featureResult(result, endpoint, feature, title) {
     return jsonTable(rows, `${title}: ${rows.length} from GET ${endpoint}`);
   }
   if (result.kind === 'unreachable') {
-    return el('div', { class: 'alert', role: 'alert' }, `The node's API is unreachable: GET ${endpoint} got ${describeFailure(result)}.`);
+    return el('div', { class: 'alert', role: 'alert' }, `The node's API is unreachable (GET ${endpoint}: ${describeFailure(result)}).`);
   }
   if (result.kind === 'not-json' || NOT_OFFERED.has(result.status)) {
     return el(
       'p',
       { class: 'notice' },
-      `This page arrives with ${feature}; the node's API does not offer it yet (GET ${endpoint} answered ${describeFailure(result)}).`,
+      `This page arrives with ${feature}; the node's API does not offer it yet (GET ${endpoint}: ${describeFailure(result)}).`,
     );
   }
-  return el('div', { class: 'alert', role: 'alert' }, `The node's API failed: GET ${endpoint} answered ${describeFailure(result)}.`);
+  return el('div', { class: 'alert', role: 'alert' }, `The node's API failed (GET ${endpoint}: ${describeFailure(result)}).`);
 }
 
 const featureRequests = new WeakMap();

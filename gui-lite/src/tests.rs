@@ -2,6 +2,7 @@
 //! tiny tag scanner: enough HTML to read our own pages, not a general parser).
 
 use axum::body::{Body, to_bytes};
+use axum::extract::State;
 use axum::http::{Request, StatusCode, header};
 use axum::response::Response;
 use tower::ServiceExt;
@@ -29,7 +30,7 @@ async fn body_text(response: Response) -> String {
     String::from_utf8(bytes.to_vec()).unwrap()
 }
 
-fn header_str<'a>(response: &'a Response, name: header::HeaderName) -> &'a str {
+fn header_str(response: &Response, name: header::HeaderName) -> &str {
     response
         .headers()
         .get(&name)
@@ -80,7 +81,11 @@ async fn every_file_has_its_content_type_and_security_headers() {
         ("/assets/pages.js", "text/javascript; charset=utf-8"),
         ("/assets/style.css", "text/css; charset=utf-8"),
     ];
-    assert_eq!(expected_types.len(), all_served().len(), "a file is untested");
+    assert_eq!(
+        expected_types.len(),
+        all_served().len(),
+        "a file is untested"
+    );
     for (uri, content_type) in expected_types {
         let response = get(uri).await;
         assert_eq!(response.status(), StatusCode::OK, "{uri}");
@@ -135,7 +140,10 @@ async fn matching_if_none_match_gives_304_with_an_empty_body() {
         let first = get(&uri).await;
         let etag = header_str(&first, header::ETAG).to_owned();
         assert_eq!(etag.len(), 18, "{uri}: {etag}");
-        assert!(etag.starts_with('"') && etag.ends_with('"'), "{uri}: {etag}");
+        assert!(
+            etag.starts_with('"') && etag.ends_with('"'),
+            "{uri}: {etag}"
+        );
         assert_eq!(etag, file.etag);
 
         for if_none_match in [
@@ -161,7 +169,10 @@ async fn matching_if_none_match_gives_304_with_an_empty_body() {
                 header_str(&response, header::X_CONTENT_TYPE_OPTIONS),
                 "nosniff"
             );
-            assert!(body_text(response).await.is_empty(), "{uri}: 304 has a body");
+            assert!(
+                body_text(response).await.is_empty(),
+                "{uri}: 304 has a body"
+            );
         }
 
         // A stale tag gets the whole file again.
@@ -206,15 +217,11 @@ async fn unknown_assets_are_404_plain_text() {
 async fn merges_into_a_stateful_router_next_to_the_api() {
     #[derive(Clone)]
     struct PeerState(&'static str);
+    async fn status(State(state): State<PeerState>) -> &'static str {
+        state.0
+    }
     let app = axum::Router::new()
-        .route(
-            "/api/status",
-            axum::routing::get(
-                |axum::extract::State(state): axum::extract::State<PeerState>| async move {
-                    state.0
-                },
-            ),
-        )
+        .route("/api/status", axum::routing::get(status))
         .merge(router())
         .with_state(PeerState("status"));
     let api = app
@@ -295,14 +302,21 @@ fn every_reference_resolves_to_an_embedded_asset() {
             references += 1;
         }
     }
-    assert!(references >= 2, "index.html loads neither its CSS nor its JS?");
+    assert!(
+        references >= 2,
+        "index.html loads neither its CSS nor its JS?"
+    );
 
     for file in ASSETS.iter().filter(|a| a.name.ends_with(".js")) {
         for specifier in import_specifiers(file.body) {
-            let name = specifier.strip_prefix("./").unwrap_or_else(|| {
-                panic!("{}: import {specifier:?} is not ./relative", file.name)
-            });
-            assert!(served(name), "{}: imports {specifier}, not embedded", file.name);
+            let name = specifier
+                .strip_prefix("./")
+                .unwrap_or_else(|| panic!("{}: import {specifier:?} is not ./relative", file.name));
+            assert!(
+                served(name),
+                "{}: imports {specifier}, not embedded",
+                file.name
+            );
         }
     }
 }
@@ -360,7 +374,10 @@ fn every_form_control_in_index_has_a_label() {
     let problems = unlabelled_controls(INDEX.body);
     assert!(problems.is_empty(), "index.html: {problems:?}");
     // Make sure the check above looked at something.
-    assert!(!controls(INDEX.body).is_empty(), "index.html has no controls");
+    assert!(
+        !controls(INDEX.body).is_empty(),
+        "index.html has no controls"
+    );
 }
 
 #[test]
@@ -407,7 +424,11 @@ fn nav_links_and_pages_match() {
         assert!(tag.attr("hidden").is_some(), "pages start hidden");
         if tag.attr("data-page") != Some("network") {
             let endpoint = tag.attr("data-endpoint").unwrap_or_default();
-            assert!(endpoint.starts_with('/'), "{:?}: data-endpoint", tag.attr("id"));
+            assert!(
+                endpoint.starts_with('/'),
+                "{:?}: data-endpoint",
+                tag.attr("id")
+            );
             assert!(
                 !tag.attr("data-feature").unwrap_or_default().is_empty(),
                 "{:?}: data-feature",

@@ -173,6 +173,9 @@ mod tests {
         std::fs::remove_file(dir.key_path()).unwrap();
         Keypair::generate().save_new(&dir.key_path()).unwrap();
         let err = dir.init().unwrap_err();
-        assert!(matches!(err, DataDirError::Store(StoreError::WrongPeer { .. })), "{err}");
+        assert!(
+            matches!(err, DataDirError::Store(StoreError::WrongPeer { .. })),
+            "{err}"
+        );
     }
 }

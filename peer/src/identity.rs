@@ -42,10 +42,7 @@ pub fn libp2p_peer_id(peer: &PeerId) -> libp2p::PeerId {
 /// The Cohort peer id behind a libp2p peer id, if it wraps an ed25519 key (libp2p inlines
 /// ed25519 keys in the id with the identity multihash).
 pub fn peer_id_of_libp2p(id: &libp2p::PeerId) -> Option<PeerId> {
-    let public = libp2p::identity::PublicKey::try_decode_protobuf(
-        id.as_ref().digest(),
-    )
-    .ok()?;
+    let public = libp2p::identity::PublicKey::try_decode_protobuf(id.as_ref().digest()).ok()?;
     let ed = public.try_into_ed25519().ok()?;
     PeerId::from_bytes(&ed.to_bytes()).ok()
 }

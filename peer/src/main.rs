@@ -71,7 +71,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if outcome.created {
                 eprintln!("Created data directory {}", dir.root().display());
             } else {
-                eprintln!("Data directory {} is already initialised", dir.root().display());
+                eprintln!(
+                    "Data directory {} is already initialised",
+                    dir.root().display()
+                );
             }
             println!("{}", outcome.peer_id);
         }

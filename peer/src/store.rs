@@ -126,6 +126,9 @@ pub struct Store {
     path: PathBuf,
 }
 
+/// A key and its value, as read from the store.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 /// A set of changes applied atomically by [`Store::write`].
 #[derive(Default)]
 pub struct Batch(rocksdb::WriteBatch);
@@ -166,7 +169,12 @@ impl Store {
         match (version, owner) {
             (None, None) => {
                 let mut batch = Batch::default();
-                self.put(&mut batch, Cf::Meta, KEY_SCHEMA_VERSION, &SCHEMA_VERSION.to_le_bytes());
+                self.put(
+                    &mut batch,
+                    Cf::Meta,
+                    KEY_SCHEMA_VERSION,
+                    &SCHEMA_VERSION.to_le_bytes(),
+                );
                 self.put(&mut batch, Cf::Meta, KEY_PEER_ID, peer.as_bytes());
                 self.write(batch)
             }
@@ -244,7 +252,7 @@ impl Store {
     }
 
     /// All `(key, value)` pairs of `cf` whose key starts with `prefix`, in key order.
-    pub fn scan_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn scan_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
         let mode = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.handle(cf), mode) {
@@ -284,7 +292,10 @@ mod tests {
         }
         let store = Store::open(dir.path(), &me).unwrap();
         for cf in Cf::ALL {
-            assert_eq!(store.get(cf, b"k/1").unwrap().as_deref(), Some(cf.name().as_bytes()));
+            assert_eq!(
+                store.get(cf, b"k/1").unwrap().as_deref(),
+                Some(cf.name().as_bytes())
+            );
             let scanned = store.scan_prefix(cf, b"k/").unwrap();
             assert_eq!(scanned.len(), 2, "{}", cf.name());
         }
@@ -312,11 +323,18 @@ mod tests {
         {
             let store = Store::open(dir.path(), &me).unwrap();
             let mut batch = Batch::default();
-            store.put(&mut batch, Cf::Meta, KEY_SCHEMA_VERSION, &(SCHEMA_VERSION + 1).to_le_bytes());
+            store.put(
+                &mut batch,
+                Cf::Meta,
+                KEY_SCHEMA_VERSION,
+                &(SCHEMA_VERSION + 1).to_le_bytes(),
+            );
             store.write(batch).unwrap();
         }
         let err = Store::open(dir.path(), &me).unwrap_err();
-        assert!(matches!(err, StoreError::SchemaVersion { found, .. } if found == SCHEMA_VERSION + 1));
+        assert!(
+            matches!(err, StoreError::SchemaVersion { found, .. } if found == SCHEMA_VERSION + 1)
+        );
         assert!(err.to_string().contains("upgrade cohort"), "{err}");
     }
 
@@ -327,6 +345,9 @@ mod tests {
         let _open = Store::open(dir.path(), &me).unwrap();
         let err = Store::open(dir.path(), &me).unwrap_err();
         assert!(matches!(err, StoreError::Db { .. }), "{err}");
-        assert!(err.to_string().contains(&dir.path().display().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&dir.path().display().to_string()),
+            "{err}"
+        );
     }
 }

@@ -139,8 +139,14 @@ mod tests {
         assert_eq!(SimTime::from_secs(2), SimTime::from_millis(2_000));
         let t = SimTime::from_micros(1_500) + SimDuration::from_millis(1);
         assert_eq!(t.as_micros(), 2_500);
-        assert_eq!(t.saturating_duration_since(SimTime::from_micros(500)), SimDuration::from_millis(2));
-        assert_eq!(SimTime::ZERO.saturating_duration_since(t), SimDuration::ZERO);
+        assert_eq!(
+            t.saturating_duration_since(SimTime::from_micros(500)),
+            SimDuration::from_millis(2)
+        );
+        assert_eq!(
+            SimTime::ZERO.saturating_duration_since(t),
+            SimDuration::ZERO
+        );
         assert_eq!(SimTime::MAX + SimDuration::from_secs(1), SimTime::MAX);
         assert_eq!(SimDuration::from_micros(12_345).to_string(), "12.345ms");
         assert_eq!(SimTime::from_micros(7).to_string(), "t=0.007ms");

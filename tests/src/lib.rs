@@ -37,7 +37,9 @@ pub fn cohort_bin() -> PathBuf {
 /// A `cohort` command with `--data-dir` set and the environment cleaned of Cohort settings.
 pub fn cohort(data_dir: &Path) -> Command {
     let mut cmd = Command::new(cohort_bin());
-    cmd.env_remove("COHORT_DATA_DIR").arg("--data-dir").arg(data_dir);
+    cmd.env_remove("COHORT_DATA_DIR")
+        .arg("--data-dir")
+        .arg(data_dir);
     cmd
 }
 

@@ -6,7 +6,12 @@ use cohort_tests::{cohort, cohort_bin, failure, success};
 
 #[test]
 fn help_lists_the_subcommands_that_exist() {
-    let out = success(std::process::Command::new(cohort_bin()).arg("--help").output().unwrap());
+    let out = success(
+        std::process::Command::new(cohort_bin())
+            .arg("--help")
+            .output()
+            .unwrap(),
+    );
     for sub in ["init", "id", "hash"] {
         assert!(
             out.lines().any(|l| l.trim_start().starts_with(sub)),
@@ -25,12 +30,18 @@ fn init_creates_a_peer_and_is_idempotent() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(dir.join("peer.key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.join("peer.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
     let second = success(cohort(&dir).arg("init").output().unwrap());
     assert_eq!(second.trim(), id.to_string());
-    assert_eq!(success(cohort(&dir).arg("id").output().unwrap()).trim(), id.to_string());
+    assert_eq!(
+        success(cohort(&dir).arg("id").output().unwrap()).trim(),
+        id.to_string()
+    );
 }
 
 #[test]
@@ -49,7 +60,10 @@ fn a_world_readable_key_is_refused_naming_the_file() {
     let key = tmp.path().join("peer.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let err = failure(cohort(tmp.path()).arg("id").output().unwrap());
-    assert!(err.contains(&key.display().to_string()) && err.contains("chmod 600"), "{err}");
+    assert!(
+        err.contains(&key.display().to_string()) && err.contains("chmod 600"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -59,7 +73,10 @@ fn a_malformed_key_is_refused_naming_the_file_and_line() {
     let key = tmp.path().join("peer.key");
     std::fs::write(&key, "cohort-secret-key-v1\nnot hex\n").unwrap();
     let err = failure(cohort(tmp.path()).arg("id").output().unwrap());
-    assert!(err.contains(&key.display().to_string()) && err.contains("line 2"), "{err}");
+    assert!(
+        err.contains(&key.display().to_string()) && err.contains("line 2"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -73,6 +90,12 @@ fn hash_prints_blake3() {
         out.starts_with("6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85  "),
         "{out}"
     );
-    let err = failure(cohort(tmp.path()).arg("hash").arg(tmp.path().join("missing")).output().unwrap());
+    let err = failure(
+        cohort(tmp.path())
+            .arg("hash")
+            .arg(tmp.path().join("missing"))
+            .output()
+            .unwrap(),
+    );
     assert!(err.contains("missing"), "{err}");
 }

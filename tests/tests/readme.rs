@@ -26,8 +26,14 @@ fn the_quick_start_runs_as_written() {
     );
     let id = success(cohort(&data).arg("id").output().unwrap());
     let id: PeerId = id.trim().parse().unwrap();
-    assert!(out.contains(&id.to_string()), "the quick start does not show the peer id:\n{out}");
-    assert!(out.contains("init"), "the quick start does not list the commands:\n{out}");
+    assert!(
+        out.contains(&id.to_string()),
+        "the quick start does not show the peer id:\n{out}"
+    );
+    assert!(
+        out.contains("init"),
+        "the quick start does not list the commands:\n{out}"
+    );
 }
 
 #[test]

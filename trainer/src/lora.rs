@@ -76,14 +76,14 @@ pub enum LoraError {
         actual: DType,
     },
     /// The base bias is on another device than the base weight.
-    #[error("{what} is on {actual:?}, the base weight on {expected:?}")]
+    #[error("{what} is on {actual}, the base weight on {expected}")]
     DeviceMismatch {
         /// Which tensor.
         what: &'static str,
-        /// The base weight's device.
-        expected: Device,
-        /// The tensor's device.
-        actual: Device,
+        /// The base weight's device, as `Debug` prints it.
+        expected: String,
+        /// The tensor's device, as `Debug` prints it.
+        actual: String,
     },
 }
 
@@ -153,7 +153,11 @@ impl LoraLinearConfig {
     /// `2^53`, and the arithmetic is f64. This is a format: changing it changes every adapter's
     /// starting point, so a golden test pins it.
     pub fn lora_a_init_values(&self) -> Vec<f32> {
-        kaiming_uniform(&mut SplitMix64::new(self.seed), self.rank * self.d_input, self.d_input)
+        kaiming_uniform(
+            &mut SplitMix64::new(self.seed),
+            self.rank * self.d_input,
+            self.d_input,
+        )
     }
 
     /// Builds a layer around a synthetic base: `W` and the bias (when [`bias`](Self::bias) is set)
@@ -202,8 +206,8 @@ impl LoraLinearConfig {
             if expected != actual {
                 return Err(LoraError::DeviceMismatch {
                     what: "base bias",
-                    expected,
-                    actual,
+                    expected: format!("{expected:?}"),
+                    actual: format!("{actual:?}"),
                 });
             }
         }
@@ -213,7 +217,11 @@ impl LoraLinearConfig {
     /// Assembles the module from a checked base.
     fn build(&self, weight: Tensor<2>, bias: Option<Tensor<1>>) -> LoraLinear {
         let device = weight.device();
-        let lora_a = f32_tensor(self.lora_a_init_values(), [self.rank, self.d_input], &device);
+        let lora_a = f32_tensor(
+            self.lora_a_init_values(),
+            [self.rank, self.d_input],
+            &device,
+        );
         let lora_b = Tensor::<2>::zeros([self.d_output, self.rank], (&device, DType::F32));
         LoraLinear {
             weight: frozen(weight),

@@ -161,7 +161,8 @@ impl Case {
             for k in 0..self.d_input {
                 let mut sum = 0.0;
                 for r in 0..self.rank {
-                    sum += f64::from(self.b[o * self.rank + r]) * f64::from(self.a[r * self.d_input + k]);
+                    sum += f64::from(self.b[o * self.rank + r])
+                        * f64::from(self.a[r * self.d_input + k]);
                 }
                 merged[o * self.d_input + k] += self.scaling * sum;
             }
@@ -278,11 +279,17 @@ fn init_has_zero_b_and_a_within_the_kaiming_bound() {
     assert_eq!(layer.lora_a().dims(), [rank, d_input]);
     let a = values_of(layer.lora_a().val());
     let bound = (1.0 / (d_input as f64).sqrt()) as f32;
-    assert!(a.iter().all(|v| v.abs() <= bound), "A leaves [-{bound}, {bound}]");
+    assert!(
+        a.iter().all(|v| v.abs() <= bound),
+        "A leaves [-{bound}, {bound}]"
+    );
     // Not squeezed into a smaller interval, and not one-sided: 512 draws reach the edges.
     let max = a.iter().cloned().fold(f32::MIN, f32::max);
     let min = a.iter().cloned().fold(f32::MAX, f32::min);
-    assert!(max > 0.95 * bound && min < -0.95 * bound, "A spans [{min}, {max}]");
+    assert!(
+        max > 0.95 * bound && min < -0.95 * bound,
+        "A spans [{min}, {max}]"
+    );
 }
 
 #[test]
@@ -332,7 +339,13 @@ fn lora_a_init_values_are_pinned() {
     // Computed outside Rust (Python: the reference splitmix64, u = (z >> 11) / 2**53,
     // (2u - 1) / sqrt(4) rounded to f32 by struct.pack). Peers must agree on these bits.
     let expected: [u32; 8] = [
-        0x3ec4_4150, 0xbd8c_3b0d, 0xbef2_7746, 0x3ef1_1771, 0xbec9_8ced, 0xbe30_d184, 0xbea6_facb,
+        0x3ec4_4150,
+        0xbd8c_3b0d,
+        0xbef2_7746,
+        0x3ef1_1771,
+        0xbec9_8ced,
+        0xbe30_d184,
+        0xbea6_facb,
         0x3e8b_0826,
     ];
     let values = LoraLinearConfig::new(4, 3, 2, 0).lora_a_init_values();
@@ -415,7 +428,10 @@ fn gradients_match_hand_derived_formulas_and_skip_the_base() {
     let got_x = x.grad(&grads).expect("x has a gradient");
     assert_close("dL/dx", &values_of(got_x), &grad_x, 1e-5);
 
-    assert!(layer.weight().grad(&grads).is_none(), "the base weight got a gradient");
+    assert!(
+        layer.weight().grad(&grads).is_none(),
+        "the base weight got a gradient"
+    );
     let bias = layer.bias().expect("the layer has a bias");
     assert!(bias.grad(&grads).is_none(), "the base bias got a gradient");
 }
@@ -495,7 +511,10 @@ fn rslora_scales_by_alpha_over_sqrt_rank() {
     );
     // The defaults are PEFT-like: alpha 16, plain LoRA, no bias.
     let default = LoraLinearConfig::new(8, 8, 8, 0);
-    assert_eq!((default.alpha, default.rslora, default.bias), (16.0, false, false));
+    assert_eq!(
+        (default.alpha, default.rslora, default.bias),
+        (16.0, false, false)
+    );
 
     // The layer uses the rsLoRA scaling in its forward.
     let device = flex();
@@ -525,17 +544,26 @@ fn invalid_configurations_and_inputs_are_rejected() {
     let transposed = config.init_with_base(Tensor::<2>::zeros([4, 3], &device), None);
     assert!(matches!(
         transposed,
-        Err(LoraError::ShapeMismatch { what: "base weight", .. })
+        Err(LoraError::ShapeMismatch {
+            what: "base weight",
+            ..
+        })
     ));
     let bad_bias = config.init_with_base(weight(), Some(Tensor::<1>::zeros([4], &device)));
     assert!(matches!(
         bad_bias,
-        Err(LoraError::ShapeMismatch { what: "base bias", .. })
+        Err(LoraError::ShapeMismatch {
+            what: "base bias",
+            ..
+        })
     ));
     let f64_weight = Tensor::<2>::zeros([3, 4], (&device, DType::F64));
     assert!(matches!(
         config.init_with_base(f64_weight, None),
-        Err(LoraError::UnsupportedDtype { what: "base weight", .. })
+        Err(LoraError::UnsupportedDtype {
+            what: "base weight",
+            ..
+        })
     ));
 
     let layer = config.init_with_base(weight(), None).unwrap();
