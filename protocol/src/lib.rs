@@ -12,11 +12,13 @@
 //! - [`signed`]: [`Signed<T>`], a domain-separated, versioned, signed envelope.
 //! - [`types`]: every wire and ledger message.
 //! - [`ledger`]: chain verification and equivocation proofs.
+//! - [`rng`]: the portable seeded generator behind every draw peers must agree on.
 
 pub mod encoding;
 pub mod hash;
 pub mod identity;
 pub mod ledger;
+pub mod rng;
 pub mod signed;
 pub mod types;
 

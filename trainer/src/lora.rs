@@ -13,7 +13,7 @@
 //!   documented full-fine-tuning behaviour), so the model code must not call them on a LoRA model.
 //! - **Initialisation.** PEFT's default: `B = 0` and `A` kaiming-uniform with `a = sqrt(5)`, which
 //!   is uniform on `[-1/sqrt(d_input), 1/sqrt(d_input))`. The values of `A` come from a SplitMix64
-//!   generator written here and seeded by [`LoraLinearConfig::seed`], not from burn's global RNG:
+//!   generator (`cohort_protocol::rng`, the workspace's portable seeded generator) seeded by [`LoraLinearConfig::seed`], not from burn's global RNG:
 //!   the same seed gives the same bits of `A` on every peer, in every process, whatever else drew
 //!   random numbers before (spot-check re-execution and FFA mode rely on it). At init the layer's
 //!   output equals the base layer's, exactly.
@@ -30,6 +30,7 @@ use burn::config::Config;
 use burn::module::{Content, DisplaySettings, Module, ModuleDisplay, Param, ParamId};
 use burn::tensor::module::linear;
 use burn::tensor::{DType, Device, Tensor, TensorData, assert_shape};
+use cohort_protocol::rng::SplitMix64;
 
 /// The stream the synthetic base weight and bias of [`LoraLinearConfig::init`] are drawn from:
 /// the seed XOR this constant, so that they never share values with `A` (drawn from the seed
@@ -411,32 +412,6 @@ fn kaiming_uniform(rng: &mut SplitMix64, count: usize, fan_in: usize) -> Vec<f32
     (0..count)
         .map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32)
         .collect()
-}
-
-/// SplitMix64 (Steele, Lea and Flood, OOPSLA 2014), as in Vigna's reference `splitmix64.c`:
-/// small, fast, and fully specified by its seed, which is all `A`'s initialisation needs.
-#[derive(Debug, Clone)]
-struct SplitMix64 {
-    state: u64,
-}
-
-impl SplitMix64 {
-    fn new(seed: u64) -> Self {
-        Self { state: seed }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform on `[0, 1)`: the top 53 bits as a fraction of `2^53`.
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
 }
 
 #[cfg(test)]

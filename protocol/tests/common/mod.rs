@@ -303,20 +303,16 @@ pub fn equivocation() -> EquivocationProof {
     }
 }
 
-/// A small seeded generator of random messages for property tests (splitmix64).
-pub struct Gen(u64);
+/// A small seeded generator of random messages for property tests.
+pub struct Gen(cohort_protocol::rng::SplitMix64);
 
 impl Gen {
     pub fn new(seed: u64) -> Self {
-        Self(seed)
+        Self(cohort_protocol::rng::SplitMix64::new(seed))
     }
 
     pub fn u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     pub fn below(&mut self, n: u64) -> u64 {
