@@ -22,4 +22,5 @@
 
 pub mod gguf;
 pub mod lora;
+pub mod model;
 pub mod tokenizer;

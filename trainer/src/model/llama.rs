@@ -1,0 +1,346 @@
+//! The Llama decoder in burn: token embedding, `num_layers` pre-norm blocks (RMSNorm, grouped-
+//! query attention with rotary position embeddings, SwiGLU feed-forward), a final RMSNorm and the
+//! output projection (tied to the embedding or not).
+//!
+//! Weights are in Hugging Face's layout (see [`super::weights`]), so the rotary embedding rotates
+//! the two halves of each head (`rotate_half`). This module runs on any burn device; it is the
+//! model that trains. The CPU inference engine ([`crate::engine`]) computes the same function over
+//! the GGUF's quantized blocks for fast generation.
+
+use burn::module::{Module, Param, ParamId};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::module::linear;
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
+
+use super::LlamaConfig;
+use super::weights::{self, Proj};
+use crate::gguf::{GgufError, GgufFile};
+
+/// A frozen `[out_features, in_features]` projection.
+#[derive(Module, Debug)]
+pub struct Projection {
+    weight: Param<Tensor<2>>,
+}
+
+impl Projection {
+    fn new(weight: Tensor<2>) -> Projection {
+        Projection {
+            weight: frozen(weight),
+        }
+    }
+
+    /// `x·Wᵀ`.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        linear(x, self.weight.val().transpose(), None)
+    }
+
+    /// The weight, `[out_features, in_features]`.
+    pub fn weight(&self) -> &Param<Tensor<2>> {
+        &self.weight
+    }
+}
+
+/// One transformer block.
+#[derive(Module, Debug)]
+pub struct Block {
+    attn_norm: Param<Tensor<1>>,
+    q: Projection,
+    k: Projection,
+    v: Projection,
+    o: Projection,
+    ffn_norm: Param<Tensor<1>>,
+    gate: Projection,
+    up: Projection,
+    down: Projection,
+}
+
+impl Block {
+    /// The block's projection of that kind.
+    pub fn projection(&self, proj: Proj) -> &Projection {
+        match proj {
+            Proj::Q => &self.q,
+            Proj::K => &self.k,
+            Proj::V => &self.v,
+            Proj::O => &self.o,
+            Proj::Gate => &self.gate,
+            Proj::Up => &self.up,
+            Proj::Down => &self.down,
+        }
+    }
+}
+
+/// The Llama model; build it with [`Llama::from_gguf`].
+#[derive(Module, Debug)]
+pub struct Llama {
+    embed: Param<Tensor<2>>,
+    layers: Vec<Block>,
+    norm: Param<Tensor<1>>,
+    lm_head: Option<Projection>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    rope_theta: f64,
+    rms_norm_eps: f64,
+    max_seq_len: usize,
+}
+
+/// Keys and values of the positions seen so far, per layer: `[batch, kv_heads, len, head_dim]`.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new() -> KvCache {
+        KvCache::default()
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The input is longer than the model's context.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{tokens} tokens do not fit the model's context of {max} tokens")]
+pub struct ContextLengthError {
+    pub tokens: usize,
+    pub max: usize,
+}
+
+impl Llama {
+    /// Loads a `llama` GGUF onto `device`, every weight dequantized to f32.
+    pub fn from_gguf(file: &GgufFile, device: &Device) -> Result<Llama, GgufError> {
+        let c = LlamaConfig::from_gguf(file)?;
+        let h = c.hidden_size;
+        let tensor = |values: Vec<f32>, rows: usize, cols: usize| {
+            Tensor::<2>::from_data(TensorData::new(values, [rows, cols]), (device, DType::F32))
+        };
+        let vector = |values: Vec<f32>| {
+            let len = values.len();
+            Tensor::<1>::from_data(TensorData::new(values, [len]), (device, DType::F32))
+        };
+        let embed = weights::matrix(file, "token_embd.weight", c.vocab_size, h, None)?;
+        let embed = tensor(embed.to_f32(), c.vocab_size, h);
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let proj = |p: Proj| -> Result<Projection, GgufError> {
+                let m = weights::projection(file, &c, l, p)?;
+                Ok(Projection::new(tensor(m.to_f32(), m.rows, m.cols)))
+            };
+            layers.push(Block {
+                attn_norm: frozen(vector(weights::vector(
+                    file,
+                    &weights::attn_norm_name(l),
+                    h,
+                )?)),
+                q: proj(Proj::Q)?,
+                k: proj(Proj::K)?,
+                v: proj(Proj::V)?,
+                o: proj(Proj::O)?,
+                ffn_norm: frozen(vector(weights::vector(
+                    file,
+                    &weights::ffn_norm_name(l),
+                    h,
+                )?)),
+                gate: proj(Proj::Gate)?,
+                up: proj(Proj::Up)?,
+                down: proj(Proj::Down)?,
+            });
+        }
+        let norm = frozen(vector(weights::vector(file, "output_norm.weight", h)?));
+        let lm_head = if c.tie_embeddings {
+            None
+        } else {
+            let m = weights::matrix(file, "output.weight", c.vocab_size, h, None)?;
+            Some(Projection::new(tensor(m.to_f32(), m.rows, m.cols)))
+        };
+        Ok(Llama {
+            embed: frozen(embed),
+            layers,
+            norm,
+            lm_head,
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            rope_theta: c.rope_theta,
+            rms_norm_eps: c.rms_norm_eps,
+            max_seq_len: c.max_seq_len,
+        })
+    }
+
+    /// The blocks.
+    pub fn layers(&self) -> &[Block] {
+        &self.layers
+    }
+
+    /// The context length.
+    pub fn max_seq_len(&self) -> usize {
+        self.max_seq_len
+    }
+
+    /// Logits `[batch, seq, vocab]` for `tokens` `[batch, seq]`, continuing from `cache` when
+    /// given (and appending this call's keys and values to it).
+    pub fn forward(
+        &self,
+        tokens: Tensor<2, Int>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor<3>, ContextLengthError> {
+        let hidden = self.hidden(tokens, cache)?;
+        let head = match &self.lm_head {
+            Some(p) => p.weight.val(),
+            None => self.embed.val(),
+        };
+        Ok(linear(hidden, head.transpose(), None))
+    }
+
+    /// The final normalised hidden states `[batch, seq, hidden]` (before the output projection).
+    pub fn hidden(
+        &self,
+        tokens: Tensor<2, Int>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor<3>, ContextLengthError> {
+        let [batch, seq] = tokens.dims();
+        let device = tokens.device();
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        if past + seq > self.max_seq_len {
+            return Err(ContextLengthError {
+                tokens: past + seq,
+                max: self.max_seq_len,
+            });
+        }
+        let embed = self.embed.val();
+        let hidden_size = embed.dims()[1];
+        let mut x =
+            embed
+                .select(0, tokens.reshape([batch * seq]))
+                .reshape([batch, seq, hidden_size]);
+        let (cos, sin) = self.rope_tables(past, seq, &device);
+        let mask = causal_mask(past, seq, &device);
+        if let Some(c) = cache.as_deref_mut()
+            && c.layers.len() != self.layers.len()
+        {
+            c.layers = (0..self.layers.len()).map(|_| None).collect();
+        }
+        for (i, block) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = self.block(block, x, &cos, &sin, &mask, slot);
+        }
+        if let Some(c) = cache {
+            c.len = past + seq;
+        }
+        Ok(rms_norm(x, &self.norm, self.rms_norm_eps))
+    }
+
+    fn block(
+        &self,
+        b: &Block,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        mask: &Tensor<2, Bool>,
+        cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+    ) -> Tensor<3> {
+        let [batch, seq, hidden] = x.dims();
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let h = rms_norm(x.clone(), &b.attn_norm, self.rms_norm_eps);
+        let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, hd]).swap_dims(1, 2);
+        let q = rope(heads(b.q.forward(h.clone()), nh), cos, sin);
+        let mut k = rope(heads(b.k.forward(h.clone()), nkv), cos, sin);
+        let mut v = heads(b.v.forward(h), nkv);
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.take() {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let total = k.dims()[2];
+        let group = nh / nkv;
+        let expand = |t: Tensor<4>| {
+            if group == 1 {
+                t
+            } else {
+                t.unsqueeze_dim::<5>(2)
+                    .repeat_dim(2, group)
+                    .reshape([batch, nh, total, hd])
+            }
+        };
+        let (k, v) = (expand(k), expand(v));
+        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((hd as f64).sqrt());
+        let mask = mask
+            .clone()
+            .unsqueeze::<4>()
+            .expand([batch, nh, seq, total]);
+        let probs = softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3);
+        let attn = probs
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([batch, seq, nh * hd]);
+        let x = x + b.o.forward(attn);
+        let h = rms_norm(x.clone(), &b.ffn_norm, self.rms_norm_eps);
+        let ff = b
+            .down
+            .forward(silu(b.gate.forward(h.clone())) * b.up.forward(h));
+        debug_assert_eq!(ff.dims(), [batch, seq, hidden]);
+        x + ff
+    }
+
+    /// `cos` and `sin` `[1, 1, seq, head_dim]` for positions `past..past + seq`, each frequency
+    /// repeated for both halves of the head.
+    fn rope_tables(&self, past: usize, seq: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
+        let hd = self.head_dim;
+        let half = hd / 2;
+        let mut cos = Vec::with_capacity(seq * hd);
+        let mut sin = Vec::with_capacity(seq * hd);
+        for p in past..past + seq {
+            for j in 0..hd {
+                let i = j % half;
+                let inv_freq = self.rope_theta.powf(-2.0 * i as f64 / hd as f64);
+                let angle = p as f64 * inv_freq;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let t = |v: Vec<f32>| {
+            Tensor::<4>::from_data(TensorData::new(v, [1, 1, seq, hd]), (device, DType::F32))
+        };
+        (t(cos), t(sin))
+    }
+}
+
+/// `true` where a query at `past + i` must not see key `j` (j > past + i): `[seq, past + seq]`.
+fn causal_mask(past: usize, seq: usize, device: &Device) -> Tensor<2, Bool> {
+    let total = past + seq;
+    let values: Vec<bool> = (0..seq)
+        .flat_map(|i| (0..total).map(move |j| j > past + i))
+        .collect();
+    Tensor::<2, Bool>::from_data(TensorData::new(values, [seq, total]), device)
+}
+
+/// NeoX-style rotary embedding on `[batch, heads, seq, head_dim]`.
+fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let hd = x.dims()[3];
+    let half = hd / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+/// `x / sqrt(mean(x²) + eps) · w` over the last axis.
+fn rms_norm(x: Tensor<3>, weight: &Param<Tensor<1>>, eps: f64) -> Tensor<3> {
+    let ms = (x.clone() * x.clone()).mean_dim(2);
+    let w = weight.val().unsqueeze::<3>();
+    x * ms.add_scalar(eps).sqrt().recip() * w
+}
+
+fn frozen<const D: usize>(tensor: Tensor<D>) -> Param<Tensor<D>> {
+    Param::initialized(ParamId::new(), tensor).set_require_grad(false)
+}

@@ -1,0 +1,8 @@
+//! Llama-family models: configuration, weight layout, and the burn module.
+
+mod config;
+pub mod llama;
+pub mod weights;
+
+pub use config::LlamaConfig;
+pub use llama::{ContextLengthError, KvCache, Llama};
