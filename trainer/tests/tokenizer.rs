@@ -1,0 +1,200 @@
+//! The tokenizer and chat template on the real default model (SmolLM2-135M-Instruct, GGUF),
+//! against reference ids from Hugging Face `tokenizers` in `fixtures/tokenizer_smollm2.json`
+//! (how they were produced: its `produced_by` and `fixtures/tokenizer_smollm2_reference.py`).
+//!
+//! Without the model file the tests print a skip notice, unless `CI=true`, where they fail: run
+//! `scripts/fetch-model.sh`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use cohort_trainer::gguf::GgufFile;
+use cohort_trainer::tokenizer::{ChatMessage, ChatTemplate, PreTokenizer, Tokenizer};
+use serde::Deserialize;
+
+const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Deserialize)]
+struct Fixture {
+    produced_by: String,
+    model: String,
+    cases: Vec<Case>,
+    chat: Vec<ChatCase>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    text: String,
+    parse_special: bool,
+    ids: Vec<u32>,
+    #[serde(default)]
+    llama_cpp_ids: Option<Vec<u32>>,
+}
+
+#[derive(Deserialize)]
+struct ChatCase {
+    name: String,
+    messages: Vec<ChatMessage>,
+    add_generation_prompt: bool,
+    rendered: String,
+    ids: Vec<u32>,
+}
+
+/// `$COHORT_MODEL_DIR` or `${XDG_CACHE_HOME:-$HOME/.cache}/cohort/models`, plus the file name.
+fn model_path() -> Option<PathBuf> {
+    let dir = match std::env::var_os("COHORT_MODEL_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let cache = match std::env::var_os("XDG_CACHE_HOME") {
+                Some(c) if !c.is_empty() => PathBuf::from(c),
+                _ => PathBuf::from(std::env::var_os("HOME")?).join(".cache"),
+            };
+            cache.join("cohort").join("models")
+        }
+    };
+    Some(dir.join(MODEL_FILE))
+}
+
+/// The model file, or `None` (after a notice) when it is absent outside CI.
+fn model() -> Option<GgufFile> {
+    let path = model_path().filter(|p| p.is_file());
+    match path {
+        Some(p) => Some(GgufFile::open(&p).unwrap_or_else(|e| panic!("{e}"))),
+        None => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "the model {MODEL_FILE} is missing (looked in $COHORT_MODEL_DIR or \
+                 ~/.cache/cohort/models); run scripts/fetch-model.sh"
+            );
+            eprintln!(
+                "SKIP: {MODEL_FILE} not found; run scripts/fetch-model.sh to test against it"
+            );
+            None
+        }
+    }
+}
+
+fn fixture() -> Fixture {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/tokenizer_smollm2.json"
+    );
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let fixture: Fixture = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    assert_eq!(fixture.model, MODEL_FILE);
+    assert!(!fixture.produced_by.is_empty());
+    fixture
+}
+
+#[test]
+fn smollm2_metadata() {
+    let Some(file) = model() else { return };
+    let t = Tokenizer::from_gguf(&file).unwrap();
+    assert_eq!(t.vocab_size(), 49152);
+    assert_eq!(t.pre_tokenizer(), PreTokenizer::DigitsThenGpt2);
+    assert_eq!(t.bos(), Some(1));
+    assert_eq!(t.eos(), Some(2));
+    assert_eq!(t.pad(), Some(2));
+    assert!(!t.add_bos());
+    assert_eq!(t.token_id("<|im_start|>"), Some(1));
+    assert_eq!(t.token_id("<|im_end|>"), Some(2));
+    assert_eq!(t.token_id("<|endoftext|>"), Some(0));
+    assert!(t.is_special(0) && t.is_special(16) && !t.is_special(17));
+    assert_eq!(t.stop_token_ids(), [2, 0]);
+    assert_eq!(t.token_bytes(t.token_id("Ġthe").unwrap()), b" the");
+    assert_eq!(t.encode_with_bos("hi", true), t.encode("hi", true));
+}
+
+#[test]
+fn smollm2_matches_reference_ids() {
+    let Some(file) = model() else { return };
+    let t = Tokenizer::from_gguf(&file).unwrap();
+    let fixture = fixture();
+    let mut failures = Vec::new();
+    for case in &fixture.cases {
+        let ids = t.encode(&case.text, case.parse_special);
+        if ids != case.ids {
+            failures.push(format!(
+                "{} (parse_special {}):\n  ours      {:?}\n  reference {:?}",
+                case.name, case.parse_special, ids, case.ids
+            ));
+        }
+        if let Some(llama) = &case.llama_cpp_ids {
+            assert_eq!(&ids, llama, "{}: llama.cpp ids differ", case.name);
+        }
+        assert_eq!(
+            t.decode(&ids),
+            case.text,
+            "{}: decode(encode(x)) != x",
+            case.name
+        );
+        if case.parse_special {
+            assert_eq!(t.count_tokens(&case.text), ids.len(), "{}", case.name);
+        }
+        // Streaming the ids gives the same text.
+        let mut stream = t.stream_decoder();
+        let mut streamed: String = ids.iter().filter_map(|&id| stream.push(id)).collect();
+        streamed.push_str(&stream.finish());
+        assert_eq!(streamed, case.text, "{}: streamed", case.name);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ from the reference ({}):\n{}",
+        failures.len(),
+        fixture.cases.len(),
+        fixture.produced_by,
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn smollm2_chat_template_matches_transformers() {
+    let Some(file) = model() else { return };
+    let t = Tokenizer::from_gguf(&file).unwrap();
+    let template = ChatTemplate::from_gguf(&file).unwrap();
+    assert!(!template.is_fallback());
+    for case in fixture().chat {
+        let rendered = template
+            .render(&case.messages, case.add_generation_prompt)
+            .unwrap();
+        assert_eq!(rendered, case.rendered, "{}", case.name);
+        assert_eq!(t.encode(&rendered, true), case.ids, "{}", case.name);
+        assert_eq!(t.decode(&case.ids), rendered, "{}", case.name);
+    }
+}
+
+/// Prints encoding throughput (run with `--release --nocapture` for a meaningful number).
+#[test]
+fn smollm2_throughput() {
+    let Some(file) = model() else { return };
+    let t = Tokenizer::from_gguf(&file).unwrap();
+    let mut text = String::new();
+    for case in fixture()
+        .cases
+        .iter()
+        .filter(|c| !c.parse_special || c.name != "specials")
+    {
+        text.push_str(&case.text);
+        text.push('\n');
+    }
+    let prose = "The committee met on Tuesday to discuss the proposal, which had been \
+                 circulated weeks earlier. Several members raised concerns about the budget; \
+                 others argued that the schedule was too ambitious. In the end, they agreed to \
+                 revisit the question in March 2025.\n";
+    while text.len() < 2_000_000 {
+        text.push_str(prose);
+        text.push_str("fn add(a: u32, b: u32) -> u32 {\n    a + b\n}\n");
+    }
+    let start = Instant::now();
+    let n = t.count_tokens(&text);
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "tokenizer throughput: {:.1} MB/s ({} bytes -> {} tokens in {:.3} s)",
+        text.len() as f64 / secs / 1e6,
+        text.len(),
+        n,
+        secs
+    );
+    assert_eq!(t.decode(&t.encode(&text, true)), text);
+}
