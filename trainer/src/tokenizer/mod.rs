@@ -40,8 +40,8 @@
 //!   inverse byte map (a character outside it stands for its own UTF-8).
 //! - The merge table and word cache use an in-module FxHash: keys come from the model file and
 //!   local text, never from a peer.
-//! - The cache sits behind a `Mutex` taken with `try_lock`: threads encoding at once never wait,
-//!   they just skip the cache while another thread holds it.
+//! - The word cache is sharded by word hash, each shard behind a `Mutex` taken with `try_lock`:
+//!   threads encoding at once never wait; a thread finding a shard busy just merges that word.
 //! - Unsupported `tokenizer.ggml.model` or `tokenizer.ggml.pre` values are refused with an error
 //!   that names them; a new pre-tokenizer is a variant of [`PreTokenizer`].
 
@@ -51,6 +51,7 @@ mod pretokenize;
 mod stream;
 
 use std::collections::HashMap;
+use std::hash::Hasher;
 use std::sync::Mutex;
 
 use fancy_regex::Regex;
@@ -63,8 +64,11 @@ pub use stream::StreamDecoder;
 
 use bpe::{Bpe, FxHashMap};
 
-/// Words whose tokens the per-word cache holds before it is cleared.
+/// Words whose tokens the per-word cache holds before it is cleared (in total over its shards).
 pub const WORD_CACHE_CAPACITY: usize = 16_384;
+/// The word cache is split into this many shards, each behind its own lock, chosen by the word's
+/// hash, so that threads encoding at once rarely meet on a lock.
+const CACHE_SHARDS: usize = 16;
 /// Words longer than this many bytes are not cached.
 const CACHED_WORD_MAX: usize = 64;
 
@@ -202,8 +206,10 @@ pub struct Tokenizer {
     pad: Option<u32>,
     add_bos: bool,
     stop: Vec<u32>,
-    cache: Mutex<FxHashMap<Box<str>, Box<[u32]>>>,
+    cache: Box<[Mutex<WordCache>]>,
 }
+
+type WordCache = FxHashMap<Box<str>, Box<[u32]>>;
 
 impl Tokenizer {
     /// Builds the tokenizer a GGUF file describes: `tokenizer.ggml.model` (must be `"gpt2"`),
@@ -430,7 +436,9 @@ impl Tokenizer {
             pad,
             add_bos,
             stop,
-            cache: Mutex::new(FxHashMap::default()),
+            cache: (0..CACHE_SHARDS)
+                .map(|_| Mutex::new(WordCache::default()))
+                .collect(),
         })
     }
 
@@ -470,24 +478,10 @@ impl Tokenizer {
 
     /// Calls `sink` with the ids of each special token and each word, in order.
     fn for_each_piece(&self, text: &str, parse_special: bool, sink: &mut impl FnMut(&[u32])) {
-        let mut cache = self.cache.try_lock().ok();
         let mut scratch = Vec::new();
         let mut plain = |segment: &str, sink: &mut dyn FnMut(&[u32])| {
             self.pre.split(&self.regex, segment, &mut |word| {
-                let cacheable = word.len() <= CACHED_WORD_MAX;
-                if cacheable && let Some(ids) = cache.as_ref().and_then(|c| c.get(word)) {
-                    sink(ids);
-                    return;
-                }
-                scratch.clear();
-                self.bpe.encode_word(word.as_bytes(), &mut scratch);
-                sink(&scratch);
-                if cacheable && let Some(c) = cache.as_mut() {
-                    if c.len() >= WORD_CACHE_CAPACITY {
-                        c.clear();
-                    }
-                    c.insert(word.into(), scratch.as_slice().into());
-                }
+                self.encode_word(word, &mut scratch, sink);
             });
         };
         let mut start = 0;
@@ -502,6 +496,30 @@ impl Tokenizer {
         }
         if start < text.len() {
             plain(&text[start..], sink);
+        }
+    }
+
+    /// Hands `sink` the ids of one pre-tokenized word, from the cache when it is there.
+    fn encode_word(&self, word: &str, scratch: &mut Vec<u32>, sink: &mut dyn FnMut(&[u32])) {
+        let shard = (word.len() <= CACHED_WORD_MAX).then(|| {
+            let mut h = bpe::FxHasher::default();
+            h.write(word.as_bytes());
+            &self.cache[(h.finish() >> 32) as usize % CACHE_SHARDS]
+        });
+        // A shard another thread holds is skipped, never waited for.
+        let mut cache = shard.and_then(|m| m.try_lock().ok());
+        if let Some(ids) = cache.as_ref().and_then(|c| c.get(word)) {
+            sink(ids);
+            return;
+        }
+        scratch.clear();
+        self.bpe.encode_word(word.as_bytes(), scratch);
+        sink(scratch);
+        if let Some(c) = cache.as_mut() {
+            if c.len() >= WORD_CACHE_CAPACITY / CACHE_SHARDS {
+                c.clear();
+            }
+            c.insert(word.into(), scratch.as_slice().into());
         }
     }
 
