@@ -20,6 +20,8 @@
 //! built from [`lora::LoraLinear`] layers, the quantized (QLoRA) linear, the training loop with its
 //! state-hash commitments, generation, PEFT adapter export, and adapter merging.
 
+pub mod bench;
+pub mod engine;
 pub mod gguf;
 pub mod lora;
 pub mod model;

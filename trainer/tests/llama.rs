@@ -114,3 +114,49 @@ fn config_reads_the_tiny_model() {
         (96, 256, 512, 2, 4, 2, 64, true)
     );
 }
+
+fn check_engine(t: &Tiny) {
+    use cohort_trainer::engine::{Engine, EngineCache, Logits};
+    let (bytes, reference) = tiny_model(t);
+    let (_dir, path) = temp_gguf(&bytes);
+    let engine = Engine::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+    let want: Vec<f64> = ref_forward(&reference, &TOKENS).concat();
+    // One prefill of everything.
+    let mut cache = EngineCache::new();
+    let all = engine.forward(&TOKENS, &mut cache, Logits::All).unwrap();
+    let diff = max_abs_diff(&all, &want);
+    assert!(
+        diff < 1e-4,
+        "engine {:?}/{:?}: prefill max diff {diff:e}",
+        t.proj_ty,
+        t.embed_ty
+    );
+    // A prefill of four, then one token at a time.
+    let mut cache = EngineCache::new();
+    let mut got = engine
+        .forward(&TOKENS[..4], &mut cache, Logits::All)
+        .unwrap();
+    for tok in &TOKENS[4..] {
+        got.extend(engine.forward(&[*tok], &mut cache, Logits::Last).unwrap());
+    }
+    let diff = max_abs_diff(&got, &want);
+    assert!(
+        diff < 1e-4,
+        "engine {:?}/{:?}: decode max diff {diff:e}",
+        t.proj_ty,
+        t.embed_ty
+    );
+}
+
+#[test]
+fn the_cpu_engine_matches_the_f64_reference_in_every_tensor_type() {
+    for ty in GgmlType::ALL {
+        let mut t = Tiny::new(ty);
+        t.embed_ty = ty;
+        check_engine(&t);
+    }
+    let mut t = Tiny::new(GgmlType::Q4_1);
+    t.tied = false;
+    t.kv_heads = 1;
+    check_engine(&t);
+}
