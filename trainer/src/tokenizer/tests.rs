@@ -268,3 +268,127 @@ fn bad_parts_are_refused_with_names() {
             .contains("\"smollm\"")
     );
 }
+
+/// A GGUF file holding only tokenizer metadata, written to a temporary path and opened.
+fn gguf_with(edit: impl FnOnce(&mut Vec<(&'static str, crate::gguf::Value)>)) -> GgufFile {
+    use crate::gguf::Value;
+    let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
+    let mut tokens: Vec<String> = SPECIALS.iter().map(|(t, _)| t.to_string()).collect();
+    tokens.extend(bpe::byte_to_char().iter().map(|c| c.to_string()));
+    tokens.push("he".into());
+    let mut types = vec![Value::I32(3), Value::I32(3), Value::I32(3), Value::I32(4)];
+    types.extend((4..tokens.len()).map(|_| Value::I32(1)));
+    let mut keys = vec![
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre", Value::String("smollm".into())),
+        ("tokenizer.ggml.tokens", strings(tokens)),
+        ("tokenizer.ggml.token_type", Value::Array(types)),
+        ("tokenizer.ggml.merges", strings(vec!["h e".into()])),
+        ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+        ("tokenizer.ggml.add_bos_token", Value::Bool(true)),
+    ];
+    edit(&mut keys);
+    let mut w = crate::gguf::write::GgufWriter::new();
+    for (k, v) in keys {
+        w.metadata(k, v);
+    }
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!(
+        "cohort-tokenizer-test-{}-{n}.gguf",
+        std::process::id()
+    ));
+    w.write(&path).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    file
+}
+
+#[test]
+fn from_gguf_reads_the_keys() {
+    let file = gguf_with(|_| {});
+    let t = Tokenizer::from_gguf(&file).unwrap();
+    assert_eq!(t.vocab_size(), 4 + 256 + 1);
+    assert!(t.add_bos());
+    let he = t.token_id("he").unwrap();
+    assert_eq!(t.encode_with_bos("he", false), [1, he]);
+    assert_eq!(t.encode("<think>he", false), [3, he]);
+    let chat = ChatTemplate::from_gguf(&file).unwrap();
+    assert!(chat.is_fallback());
+    assert_eq!(
+        chat.render(&[ChatMessage::new("user", "x")], true).unwrap(),
+        "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let file = gguf_with(|k| {
+        k.push((
+            "tokenizer.chat_template",
+            crate::gguf::Value::String("{{ bos_token }}|{{ eos_token }}".into()),
+        ))
+    });
+    let chat = ChatTemplate::from_gguf(&file).unwrap();
+    assert!(!chat.is_fallback());
+    assert_eq!(chat.render(&[], false).unwrap(), "<|im_start|>|<|im_end|>");
+}
+
+#[test]
+fn from_gguf_refuses_what_it_cannot_do() {
+    use crate::gguf::Value;
+    let err = |edit: fn(&mut Vec<(&'static str, Value)>)| {
+        Tokenizer::from_gguf(&gguf_with(edit))
+            .unwrap_err()
+            .to_string()
+    };
+    assert_eq!(
+        err(|k| k[0].1 = Value::String("llama".into())),
+        "tokenizer.ggml.model is \"llama\": only \"gpt2\" (byte-level BPE) tokenizers are supported"
+    );
+    assert!(
+        err(|k| k[1].1 = Value::String("llama-bpe".into())).starts_with(
+            "tokenizer.ggml.pre is \"llama-bpe\": supported pre-tokenizers are \"smollm\""
+        )
+    );
+    let missing = err(|k| {
+        k.remove(4);
+    });
+    assert!(
+        missing.contains("cohort-tokenizer-test")
+            && missing.contains("\"tokenizer.ggml.merges\" is missing"),
+        "{missing}"
+    );
+    assert_eq!(
+        err(|k| {
+            if let Value::Array(types) = &mut k[3].1 {
+                types[7] = Value::I32(9);
+            }
+        }),
+        "tokenizer.ggml.token_type[7] is 9, not a GGUF token type (0..=6)"
+    );
+    assert_eq!(
+        err(|k| k[6].1 = Value::U32(100_000)),
+        "tokenizer.ggml.eos_token_id is 100000, outside the vocabulary of 261 tokens"
+    );
+    // No `pre` key: GPT-2's split.
+    let file = gguf_with(|k| {
+        k.remove(1);
+    });
+    assert_eq!(
+        Tokenizer::from_gguf(&file).unwrap().pre_tokenizer(),
+        PreTokenizer::Gpt2
+    );
+}
+
+#[test]
+fn shareable_across_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Tokenizer>();
+    send_sync::<ChatTemplate>();
+    let t = tiny(MERGES, PreTokenizer::DigitsThenGpt2);
+    let text = "hello world 123 hello again\n".repeat(200);
+    let expected = t.encode(&text, false);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| assert_eq!(t.encode(&text, false), expected));
+        }
+    });
+}
