@@ -22,7 +22,9 @@
 
 pub mod bench;
 pub mod engine;
+pub mod generate;
 pub mod gguf;
 pub mod lora;
 pub mod model;
+pub mod models;
 pub mod tokenizer;

@@ -307,6 +307,8 @@ pub enum EngineError {
     Context(#[from] ContextLengthError),
     #[error("token id {token} is outside the vocabulary of {vocab}")]
     BadToken { token: u32, vocab: usize },
+    #[error("device: {0}")]
+    Device(String),
 }
 
 fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
