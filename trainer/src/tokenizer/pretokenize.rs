@@ -71,10 +71,13 @@ impl PreTokenizer {
 fn gpt2_split(regex: &Regex, text: &str, word: &mut impl FnMut(&str)) {
     let mut pos = 0;
     while pos < text.len() {
-        let (start, mut end) = match regex.find_from_pos(text, pos) {
-            Ok(Some(m)) => (m.start(), m.end()),
-            // The pattern matches every character, so neither happens; keep the text whole anyway.
-            Ok(None) | Err(_) => (pos, text.len()),
+        let (start, mut end) = match ascii_match(text.as_bytes(), pos) {
+            Some(end) => (pos, end),
+            None => match regex.find_from_pos(text, pos) {
+                Ok(Some(m)) => (m.start(), m.end()),
+                // The pattern matches every character, so neither happens; keep the text whole.
+                Ok(None) | Err(_) => (pos, text.len()),
+            },
         };
         if start > pos {
             word(&text[pos..start]);
@@ -99,6 +102,68 @@ fn gpt2_split(regex: &Regex, text: &str, word: &mut impl FnMut(&str)) {
         }
         word(&text[start..end]);
         pos = end;
+    }
+}
+
+/// The ASCII character classes of [`GPT2_SPLIT`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Letter,
+    Number,
+    Space,
+    Other,
+    /// Not ASCII: only the regex knows.
+    Unicode,
+}
+
+#[inline]
+fn class(b: u8) -> Class {
+    match b {
+        b'a'..=b'z' | b'A'..=b'Z' => Class::Letter,
+        b'0'..=b'9' => Class::Number,
+        // Unicode White_Space in ASCII (what the regex's `\s` means there).
+        b'\t' | b'\n' | 0x0B | 0x0C | b'\r' | b' ' => Class::Space,
+        0x80.. => Class::Unicode,
+        _ => Class::Other,
+    }
+}
+
+/// The end of [`GPT2_SPLIT`]'s match at `pos`, worked out by hand when every byte it depends on
+/// is ASCII (most text); `None` sends the regex. Same alternatives, same order.
+#[inline]
+fn ascii_match(bytes: &[u8], pos: usize) -> Option<usize> {
+    let at = |i: usize| bytes.get(i).copied();
+    let first = at(pos)?;
+    let run = |from: usize, c: Class| -> Option<usize> {
+        let mut i = from;
+        while let Some(b) = at(i) {
+            match class(b) {
+                k if k == c => i += 1,
+                Class::Unicode => return None,
+                _ => break,
+            }
+        }
+        Some(i)
+    };
+    if first == b'\'' {
+        let rest = &bytes[pos + 1..];
+        for suffix in [&b"s"[..], b"t", b"re", b"ve", b"m", b"ll", b"d"] {
+            if rest.starts_with(suffix) {
+                return Some(pos + 1 + suffix.len());
+            }
+        }
+    }
+    let body = if first == b' ' { pos + 1 } else { pos };
+    if let Some(b) = at(body) {
+        match class(b) {
+            Class::Unicode => return None,
+            Class::Space => {}
+            c => return run(body + 1, c),
+        }
+    }
+    match class(first) {
+        Class::Space => run(pos + 1, Class::Space),
+        _ => None,
     }
 }
 
@@ -148,6 +213,20 @@ mod tests {
         assert_eq!(words(PreTokenizer::Gpt2, "a  b"), ["a", " ", " b"]);
         assert_eq!(words(PreTokenizer::Gpt2, "a\n\nb"), ["a", "\n", "\n", "b"]);
         assert_eq!(words(PreTokenizer::Gpt2, "end   "), ["end", "   "]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn ascii_fast_path_matches_the_regex(
+            chars in proptest::collection::vec(proptest::sample::select(vec![
+                'a', 'Z', 's', 't', 'l', 'd', 'e', 'v', 'r', 'm', '0', '7', ' ', ' ', '\t', '\n',
+                '\r', '\x0b', '\x1c', '\'', '!', '=', '\x00', 'é', 'ß', '½', '٣', '\u{a0}',
+                '\u{3000}', '\u{85}', '🚀', '\u{301}', '日',
+            ]), 0..40),
+        ) {
+            let text: String = chars.into_iter().collect();
+            proptest::prop_assert_eq!(words(PreTokenizer::Gpt2, &text), reference(&text));
+        }
     }
 
     #[test]
