@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 use cohort_peer::data_dir::DataDir;
 use cohort_protocol::hash::ContentHasher;
 
+mod model_cli;
+
 /// Cohort: fine-tune language models together, peer to peer, with credit for data and compute.
 #[derive(Debug, Parser)]
 #[command(name = "cohort", version, about, long_about = None)]
@@ -33,6 +35,20 @@ enum Command {
         /// Files to hash.
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+    },
+    /// Base models in the local model cache.
+    Model {
+        #[command(subcommand)]
+        command: model_cli::ModelCommand,
+    },
+    /// Chat with a base model on the terminal (`--prompt` for one answer).
+    Chat(model_cli::ChatArgs),
+    /// Perplexity of a text file under a model, as llama.cpp's perplexity tool reports it.
+    Perplexity(model_cli::PerplexityArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: model_cli::BenchCommand,
     },
 }
 
@@ -65,6 +81,10 @@ fn hash_file(path: &PathBuf) -> anyhow::Result<String> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
+        Command::Model { command } => model_cli::model(command)?,
+        Command::Chat(args) => model_cli::chat(args)?,
+        Command::Perplexity(args) => model_cli::perplexity(args)?,
+        Command::Bench { command } => model_cli::bench(command)?,
         Command::Init => {
             let dir = data_dir(&cli)?;
             let outcome = dir.init()?;

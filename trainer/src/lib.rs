@@ -27,4 +27,5 @@ pub mod gguf;
 pub mod lora;
 pub mod model;
 pub mod models;
+pub mod perplexity;
 pub mod tokenizer;

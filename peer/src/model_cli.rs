@@ -1,0 +1,370 @@
+//! The model commands of `cohort`: `model list`, `chat`, `perplexity` and `bench model`.
+//!
+//! They run the base model in this process (the CPU engine by default, or the burn model on a
+//! chosen device); they need no running node.
+
+use std::io::{BufRead as _, Write as _};
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand, ValueEnum};
+use cohort_trainer::engine::Engine;
+use cohort_trainer::generate::{BurnLm, CausalLm, EngineLm, SamplingParams, generate};
+use cohort_trainer::gguf::GgufFile;
+use cohort_trainer::model::Llama;
+use cohort_trainer::models;
+use cohort_trainer::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
+
+/// `cohort model ...`
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// List the base models in the model cache (name, architecture, parameters, size, BLAKE3).
+    List,
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// Cohort's CPU engine over the GGUF's quantized blocks (fastest on a CPU).
+    Cpu,
+    /// burn's flex CPU backend with f32 weights (the training model).
+    Flex,
+    /// burn's CUDA backend (needs the `cuda` feature).
+    Cuda,
+    /// burn's wgpu backend (needs the `wgpu` feature).
+    Wgpu,
+}
+
+/// Sampling options shared by `chat`.
+#[derive(Debug, Args)]
+pub struct SamplingArgs {
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+/// `cohort chat`
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// A GGUF path, a file in the model cache, a model hash, or `smollm2-135m-instruct`.
+    #[arg(long, default_value = models::DEFAULT_MODEL_ID)]
+    model: String,
+    /// Answer this one prompt and exit (otherwise: an interactive chat on the terminal).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// A system message.
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// Print tokens/s and peak memory to stderr after each answer.
+    #[arg(long)]
+    stats: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+/// `cohort perplexity`
+#[derive(Debug, Args)]
+pub struct PerplexityArgs {
+    #[arg(long, default_value = models::DEFAULT_MODEL_ID)]
+    model: String,
+    /// A UTF-8 text file.
+    #[arg(long)]
+    file: PathBuf,
+    /// Tokens per window (the second half of each window is scored).
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `cohort bench ...`
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Prefill and greedy-decode tokens/s of a model on this machine, optionally side by side
+    /// with llama.cpp (the anchor script `llama_cpp_bench.py`) in the same run.
+    Model(BenchModelArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchModelArgs {
+    #[arg(long, default_value = models::DEFAULT_MODEL_ID)]
+    model: String,
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Also run llama.cpp's anchor: a Python with `llama_cpp` installed ...
+    #[arg(long, requires = "anchor_script", value_name = "PYTHON")]
+    anchor_python: Option<PathBuf>,
+    /// ... and the anchor script (`llama_cpp_bench.py`).
+    #[arg(long, value_name = "SCRIPT")]
+    anchor_script: Option<PathBuf>,
+}
+
+/// Loads a model file, naming it in errors.
+fn open(spec: &str) -> anyhow::Result<GgufFile> {
+    let path = models::resolve(spec)?;
+    Ok(GgufFile::open(&path)?)
+}
+
+pub fn model(cmd: &ModelCommand) -> anyhow::Result<()> {
+    match cmd {
+        ModelCommand::List => {
+            let list = models::list()?;
+            if list.is_empty() {
+                eprintln!(
+                    "No models in {} (run scripts/fetch-model.sh for the default model)",
+                    models::model_dir().display()
+                );
+            }
+            for (path, info) in list {
+                match info {
+                    Ok(m) => {
+                        let shape = match &m.config {
+                            Ok(c) => format!(
+                                "{:.0}M params, {} layers",
+                                c.num_params() as f64 / 1e6,
+                                c.num_layers
+                            ),
+                            Err(e) => format!("not runnable: {e}"),
+                        };
+                        println!(
+                            "{}\t{}\t{}\t{:.1} MB\t{}\t{}",
+                            m.name,
+                            m.architecture,
+                            shape,
+                            m.size_bytes as f64 / 1e6,
+                            m.hash,
+                            path.display()
+                        );
+                    }
+                    Err(e) => println!("?\t?\tunreadable: {e}\t\t\t{}", path.display()),
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn sampling(args: &SamplingArgs) -> SamplingParams {
+    SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repeat_penalty,
+        seed: args.seed,
+        max_tokens: args.max_tokens,
+        stop_strings: args.stop.clone(),
+        ..SamplingParams::default()
+    }
+}
+
+fn burn_device(d: DeviceArg) -> anyhow::Result<burn::tensor::Device> {
+    match d {
+        DeviceArg::Flex | DeviceArg::Cpu => Ok(burn::tensor::Device::flex()),
+        #[cfg(feature = "cuda")]
+        DeviceArg::Cuda => Ok(burn::tensor::Device::cuda(0)),
+        #[cfg(feature = "wgpu")]
+        DeviceArg::Wgpu => Ok(burn::tensor::Device::wgpu(
+            burn::tensor::DeviceKind::default(),
+        )),
+        #[allow(unreachable_patterns)]
+        other => anyhow::bail!(
+            "this cohort was built without the {other:?} backend (build with --features {})",
+            format!("{other:?}").to_lowercase()
+        ),
+    }
+}
+
+/// Peak resident memory of this process (Linux), in bytes.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn chat(args: &ChatArgs) -> anyhow::Result<()> {
+    let file = open(&args.model)?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let template = ChatTemplate::from_gguf(&file)?;
+    let params = sampling(&args.sampling);
+    params.validate()?;
+    let engine;
+    let burn_model;
+    let mut lm: Box<dyn CausalLm> = match args.device {
+        DeviceArg::Cpu => {
+            engine = Engine::from_gguf(&file)?;
+            Box::new(EngineLm::new(&engine))
+        }
+        other => {
+            let device = burn_device(other)?;
+            burn_model = Llama::from_gguf(&file, &device)?;
+            Box::new(BurnLm::new(&burn_model, device, tokenizer.vocab_size()))
+        }
+    };
+    let mut history: Vec<ChatMessage> = Vec::new();
+    if let Some(system) = &args.system {
+        history.push(ChatMessage::new("system", system.clone()));
+    }
+    let mut turn = |history: &mut Vec<ChatMessage>, user: String| -> anyhow::Result<()> {
+        history.push(ChatMessage::new("user", user));
+        let prompt = template.render(history, true)?;
+        let ids = tokenizer.encode(&prompt, true);
+        let started = Instant::now();
+        let mut stdout = std::io::stdout().lock();
+        let out = generate(lm.as_mut(), &tokenizer, &ids, &params, |piece| {
+            // A closed stdout (a pipe that went away) ends generation.
+            match stdout
+                .write_all(piece.as_bytes())
+                .and_then(|()| stdout.flush())
+            {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            }
+        })?;
+        writeln!(stdout)?;
+        stdout.flush()?;
+        if args.stats {
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "[{} prompt tokens, {} generated in {:.2} s ({:.1} tokens/s), finish: {:?}, peak RSS {:.0} MB]",
+                out.prompt_tokens,
+                out.tokens.len(),
+                secs,
+                out.tokens.len() as f64 / secs,
+                out.finish,
+                peak_rss().unwrap_or(0) as f64 / 1e6
+            );
+        }
+        history.push(ChatMessage::new("assistant", out.text));
+        Ok(())
+    };
+    if let Some(prompt) = &args.prompt {
+        return turn(&mut history, prompt.clone());
+    }
+    eprintln!(
+        "Chatting with {} ({}). /reset forgets the conversation; /exit or Ctrl-D ends.",
+        args.model,
+        file.path().display()
+    );
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line).context("reading stdin")? == 0 {
+            eprintln!();
+            return Ok(());
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => return Ok(()),
+            "/reset" => {
+                history.retain(|m| m.role == "system");
+                eprintln!("(conversation forgotten)");
+                continue;
+            }
+            _ => turn(&mut history, line.to_string())?,
+        }
+    }
+}
+
+pub fn perplexity(args: &PerplexityArgs) -> anyhow::Result<()> {
+    let file = open(&args.model)?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let engine = Engine::from_gguf(&file)?;
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read {} as UTF-8 text", args.file.display()))?;
+    let started = Instant::now();
+    let report =
+        cohort_trainer::perplexity::perplexity(&engine, &tokenizer, &text, args.ctx, |i, ppl| {
+            eprint!("[{}]{ppl:.4} ", i + 1);
+        })?;
+    eprintln!();
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "perplexity {:.4} (mean NLL {:.4} nats over {} scored tokens; {} windows of {}; {} tokens in the text; {:.1} s)",
+            report.perplexity,
+            report.mean_nll,
+            report.scored_tokens,
+            report.windows,
+            report.ctx,
+            report.text_tokens,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
+    let BenchCommand::Model(args) = cmd;
+    let file = open(&args.model)?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let engine = Engine::from_gguf(&file)?;
+    // The anchor script's prompt, so both sides see the same tokens.
+    let text =
+        "The history of the printing press begins in the fifteenth century, when ".repeat(40);
+    let prompt = tokenizer.encode(&text, false);
+    let ours = cohort_trainer::bench::inference(
+        &engine,
+        &prompt,
+        args.prompt_tokens,
+        args.gen_tokens,
+        args.runs,
+    )?;
+    let mut line = serde_json::json!({
+        "cohort": ours,
+        "model": file.path().file_name().map(|n| n.to_string_lossy().into_owned()),
+        "kernels": format!("{:?}", cohort_trainer::engine::kernels::level()),
+        "peak_rss_mb": peak_rss().map(|b| b / 1_000_000),
+    });
+    if let (Some(python), Some(script)) = (&args.anchor_python, &args.anchor_script) {
+        let out = std::process::Command::new(python)
+            .arg(script)
+            .arg(file.path())
+            .args(["--threads", &ours.threads.to_string()])
+            .args(["--prompt-tokens", &args.prompt_tokens.to_string()])
+            .args(["--gen-tokens", &args.gen_tokens.to_string()])
+            .args(["--runs", &args.runs.to_string()])
+            .output()
+            .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "the anchor failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let anchor: serde_json::Value =
+            serde_json::from_str(stdout.lines().last().unwrap_or_default())
+                .with_context(|| format!("the anchor printed {stdout:?}"))?;
+        let ratio = |ours: f64, key: &str| anchor[key].as_f64().map(|a| ours / a);
+        line["llama_cpp"] = anchor.clone();
+        line["ratio_prefill"] = ratio(ours.prefill_tokens_per_s, "prefill_tokens_per_s").into();
+        line["ratio_decode"] = ratio(ours.decode_tokens_per_s, "decode_tokens_per_s").into();
+    }
+    println!("{line}");
+    Ok(())
+}
