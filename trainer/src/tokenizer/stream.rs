@@ -6,7 +6,8 @@ use super::Tokenizer;
 /// split (an emoji is often two or three byte tokens), so every piece it yields is whole text.
 ///
 /// The concatenation of everything [`push`](Self::push) and [`finish`](Self::finish) yield
-/// equals [`Tokenizer::decode`] of all the ids.
+/// equals [`Tokenizer::decode`] of all the ids. Control tokens decode to their text, so check an
+/// id against [`Tokenizer::stop_token_ids`] (or [`Tokenizer::is_special`]) before pushing it.
 #[derive(Debug, Clone)]
 pub struct StreamDecoder<'a> {
     tokenizer: &'a Tokenizer,
