@@ -426,3 +426,68 @@ pub fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
         .map(|(x, y)| (*x as f64 - y).abs())
         .fold(0.0, f64::max)
 }
+
+/// GPT-2's byte-to-character map, written from its definition: printable Latin-1 bytes stand
+/// for themselves, the other 68 bytes for code points 256, 257, ... in byte order.
+pub fn byte_char(b: u8) -> char {
+    let printable = |b: u8| {
+        (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+    };
+    if printable(b) {
+        return b as char;
+    }
+    let n = (0..b).filter(|x| !printable(*x)).count() as u32;
+    char::from_u32(256 + n).unwrap()
+}
+
+/// The specials of the tiny tokenizer, after the 256 byte tokens.
+pub const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+/// Vocabulary of a tiny model with the tiny tokenizer: 256 bytes, 3 specials, a few merges.
+pub const TOKENIZER_VOCAB: usize = 256 + SPECIALS.len() + 5;
+
+/// Adds a byte-level tokenizer (every byte a token, a handful of merges, ChatML specials and
+/// template) to a tiny model's metadata; the model's `vocab` must be [`TOKENIZER_VOCAB`].
+pub fn tiny_model_with_tokenizer(t: &Tiny) -> (Vec<u8>, RefModel) {
+    assert_eq!(t.vocab, TOKENIZER_VOCAB);
+    let (bytes, model) = tiny_model(t);
+    // Re-read the written metadata and append the tokenizer keys: simplest is to rebuild.
+    let file_dir = tempfile::tempdir().unwrap();
+    let path = file_dir.path().join("m.gguf");
+    std::fs::write(&path, &bytes).unwrap();
+    let file = cohort_trainer::gguf::GgufFile::open(&path).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in file.metadata() {
+        w.metadata(k.clone(), v.clone());
+    }
+    let mut tokens: Vec<Value> = (0..=255u8)
+        .map(|b| Value::String(byte_char(b).to_string()))
+        .collect();
+    let mut types: Vec<Value> = vec![Value::I32(1); 256];
+    for s in SPECIALS {
+        tokens.push(Value::String(s.into()));
+        types.push(Value::I32(3));
+    }
+    let merges = ["Ġ t", "h e", "Ġt he", "i n", "a n"];
+    for m in merges {
+        tokens.push(Value::String(m.replace(' ', "")));
+        types.push(Value::I32(1));
+    }
+    w.metadata("tokenizer.ggml.model", Value::String("gpt2".into()))
+        .metadata("tokenizer.ggml.pre", Value::String("smollm".into()))
+        .metadata("tokenizer.ggml.tokens", Value::Array(tokens))
+        .metadata("tokenizer.ggml.token_type", Value::Array(types))
+        .metadata("tokenizer.ggml.merges", Value::Array(merges.iter().map(|m| Value::String(m.to_string())).collect()))
+        .metadata("tokenizer.ggml.bos_token_id", Value::U32(257))
+        .metadata("tokenizer.ggml.eos_token_id", Value::U32(258))
+        .metadata(
+            "tokenizer.chat_template",
+            Value::String(
+                "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}".into(),
+            ),
+        );
+    for info in file.tensors() {
+        let (_, data) = file.tensor_bytes(&info.name).unwrap();
+        w.tensor_raw(info.name.clone(), &info.dims, info.ty, data.to_vec());
+    }
+    (w.to_bytes(), model)
+}
