@@ -58,18 +58,16 @@ fn model_path() -> Option<PathBuf> {
 
 /// The model file, or `None` (after a notice) when it is absent outside CI.
 fn model() -> Option<GgufFile> {
-    let path = model_path().filter(|p| p.is_file());
-    match path {
-        Some(p) => Some(GgufFile::open(&p).unwrap_or_else(|e| panic!("{e}"))),
+    let path = model_path();
+    match path.as_ref().filter(|p| p.is_file()) {
+        Some(p) => Some(GgufFile::open(p).unwrap_or_else(|e| panic!("{e}"))),
         None => {
+            let shown = path.map_or_else(|| MODEL_FILE.into(), |p| p.display().to_string());
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
-                "the model {MODEL_FILE} is missing (looked in $COHORT_MODEL_DIR or \
-                 ~/.cache/cohort/models); run scripts/fetch-model.sh"
+                "the model {shown} is missing; run scripts/fetch-model.sh"
             );
-            eprintln!(
-                "SKIP: {MODEL_FILE} not found; run scripts/fetch-model.sh to test against it"
-            );
+            eprintln!("SKIP: {shown} not found; run scripts/fetch-model.sh to test against it");
             None
         }
     }
