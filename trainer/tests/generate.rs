@@ -1,5 +1,6 @@
 //! Generation on a generated tiny model with a byte-level tokenizer: the CPU engine and the burn
 //! model agree token for token, and sampling, stops and limits behave as documented.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The burn Llama against the independent f64 reference, on generated tiny models in every
 //! supported tensor type.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -2,6 +2,7 @@
 //!
 //! These tests need the file that `scripts/fetch-model.sh` puts in the cache. Under CI
 //! (`CI=true`) a missing file fails the test; elsewhere the test says it skipped and passes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::ops::ControlFlow;
 

@@ -7,7 +7,7 @@
 //!
 //! GGUF versions 2 and 3 are read (version 1 used 32-bit counts and is long gone). Dimensions are
 //! kept in GGUF order: `dims[0]` is the contiguous one (the input features of a weight matrix).
-//! [`write`] produces files in the same format, for tests and for merged models.
+//! [`write`](mod@write) produces files in the same format, for tests and for merged models.
 
 pub mod quant;
 pub mod write;
@@ -617,7 +617,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed, GgufErrorKind> {
     let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
     let data_len = (bytes.len() as u64).saturating_sub(data_start);
     for t in &tensors {
-        let end = t.offset.checked_add(t.size).unwrap_or(u64::MAX);
+        let end = t.offset.saturating_add(t.size);
         if end > data_len {
             return Err(GgufErrorKind::TensorOutOfBounds {
                 tensor: t.name.clone(),

@@ -110,7 +110,7 @@ impl GgmlType {
     /// Bytes that `elems` elements take, or `None` if `elems` is not a whole number of blocks.
     pub fn bytes_for(self, elems: u64) -> Option<u64> {
         let per = self.block_elems() as u64;
-        if elems % per != 0 {
+        if !elems.is_multiple_of(per) {
             return None;
         }
         (elems / per).checked_mul(self.block_bytes() as u64)

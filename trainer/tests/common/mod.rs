@@ -5,7 +5,7 @@
 //! the crate's code: its own block decoders (scalar, f64), Hugging Face's weight layout and
 //! rotary embedding (`rotate_half`), and llama.cpp's row permutation of the query and key
 //! projections applied when the file is written (the crate undoes it when reading).
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use cohort_protocol::rng::SplitMix64;
 use cohort_trainer::gguf::write::GgufWriter;
