@@ -6,10 +6,13 @@
 //! the activations in f32 (no activation quantization), so results equal an f32 product with the
 //! dequantized weights up to summation order.
 //!
-//! The kernels are plain Rust written with 16 independent accumulator lanes, which the compiler
-//! turns into AVX-512 (or AVX2) fused multiply-adds when the function is compiled for those
-//! features. Each kernel is compiled three times (AVX-512, AVX2+FMA, baseline) and picked at run
-//! time from the CPU's features, once per process ([`level`]).
+//! On AVX-512 CPUs the Q4_1, Q4_0 and Q8_0 dot products and the f32 micro-kernel of the
+//! matrix-matrix product are written with intrinsics ([`avx512`]): nibbles are unpacked and
+//! widened to f32 in registers and multiplied with fused multiply-adds. Elsewhere the same
+//! arithmetic is plain Rust with 16 independent accumulator lanes, compiled for AVX2+FMA and for
+//! the baseline; the level is picked at run time from the CPU's features, once per process
+//! ([`level`]). Each level always sums in the same order, so results are bit-for-bit repeatable
+//! on one machine (they differ between levels in the last bits).
 
 use std::sync::OnceLock;
 
@@ -219,6 +222,8 @@ fn matvec_rows_dispatch(w: &RawMatrix, first: usize, x: &[f32], xsum: &[f32], y:
     match level() {
         // SAFETY: `level()` returns Avx512 / Avx2 only after the CPU reported those features.
         #[cfg(target_arch = "x86_64")]
+        Level::Avx512 if avx512::supports(w.ty) => unsafe { avx512::matvec_rows(w, first, x, xsum, y) },
+        #[cfg(target_arch = "x86_64")]
         Level::Avx512 => unsafe { matvec_rows_avx512(w, first, x, xsum, y) },
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => unsafe { matvec_rows_avx2(w, first, x, xsum, y) },
@@ -230,6 +235,8 @@ fn matvec_rows_dispatch(w: &RawMatrix, first: usize, x: &[f32], xsum: &[f32], y:
 fn matmul_rows_dispatch(w: &RawMatrix, first: usize, n: usize, xs: &[f32], ys: &mut [f32]) {
     match level() {
         // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 if w.cols % 16 == 0 => unsafe { avx512::matmul_rows(w, first, n, xs, ys) },
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => unsafe { matmul_rows_avx512(w, first, n, xs, ys) },
         #[cfg(target_arch = "x86_64")]
@@ -281,6 +288,192 @@ pub fn matmul(w: &RawMatrix, xs: &[f32], ys: &mut [f32]) {
         for t in 0..tokens {
             ys[t * w.rows + first..t * w.rows + first + n]
                 .copy_from_slice(&block[t * n..(t + 1) * n]);
+        }
+    }
+}
+
+/// AVX-512 kernels with intrinsics. Every function checks the lengths it relies on before any
+/// pointer read, so the unaligned loads stay inside the slices.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx512 {
+    use core::arch::x86_64::*;
+
+    use super::{RawMatrix, dequantize};
+    use crate::gguf::GgmlType;
+
+    /// Types with a hand-written dot product here.
+    pub(super) fn supports(ty: GgmlType) -> bool {
+        matches!(ty, GgmlType::Q4_1 | GgmlType::Q4_0 | GgmlType::Q8_0)
+    }
+
+    /// Σ over blocks of a Q4_1 (`MIN`) or Q4_0 row times `x` (f32). Two blocks per step into
+    /// two accumulators, so consecutive fused multiply-adds do not wait on each other.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn dot_q4<const MIN: bool>(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+        let bb = if MIN { 20 } else { 18 };
+        let blocks = row.len() / bb;
+        assert!(row.len() == blocks * bb && x.len() >= blocks * 32 && xsum.len() >= blocks);
+        let (rp, xp) = (row.as_ptr(), x.as_ptr());
+        let mask = _mm_set1_epi8(0x0f);
+        let eight = _mm_set1_epi8(8);
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (mut off0, mut off1) = (0f32, 0f32);
+        macro_rules! block {
+            ($b:expr, $acc:ident, $off:ident) => {{
+                let b = $b;
+                // SAFETY: block b < blocks: its bb bytes lie inside `row` and its 32 floats
+                // inside `x` (asserted above).
+                let (bits, q, x0, x1) = unsafe {
+                    let p = rp.add(b * bb);
+                    (
+                        (p as *const i32).read_unaligned(),
+                        _mm_loadu_si128(p.add(bb - 16).cast()),
+                        _mm512_loadu_ps(xp.add(b * 32)),
+                        _mm512_loadu_ps(xp.add(b * 32 + 16)),
+                    )
+                };
+                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+                let lo = _mm_and_si128(q, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+                let (flo, fhi) = if MIN {
+                    (_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)))
+                } else {
+                    (
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(lo, eight))),
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(hi, eight))),
+                    )
+                };
+                let s = _mm512_fmadd_ps(fhi, x1, _mm512_mul_ps(flo, x0));
+                $acc = _mm512_fmadd_ps(_mm512_broadcastss_ps(dm), s, $acc);
+                if MIN {
+                    $off = _mm_cvtss_f32(_mm_movehdup_ps(dm)).mul_add(xsum[b], $off);
+                }
+            }};
+        }
+        let mut b = 0;
+        while b + 2 <= blocks {
+            block!(b, acc0, off0);
+            block!(b + 1, acc1, off1);
+            b += 2;
+        }
+        if b < blocks {
+            block!(b, acc0, off0);
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (off0 + off1)
+    }
+
+    /// Σ over blocks of a Q8_0 row times `x` (f32), two blocks per step.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
+        let blocks = row.len() / 34;
+        assert!(row.len() == blocks * 34 && x.len() >= blocks * 32);
+        let (rp, xp) = (row.as_ptr(), x.as_ptr());
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        macro_rules! block {
+            ($b:expr, $acc:ident) => {{
+                let b = $b;
+                // SAFETY: block b < blocks: its 34 bytes lie inside `row`, its 32 floats inside `x`.
+                let (bits, q, x0, x1) = unsafe {
+                    let p = rp.add(b * 34);
+                    (
+                        (p as *const u16).read_unaligned() as i32,
+                        _mm256_loadu_si256(p.add(2).cast()),
+                        _mm512_loadu_ps(xp.add(b * 32)),
+                        _mm512_loadu_ps(xp.add(b * 32 + 16)),
+                    )
+                };
+                let d = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+                let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+                let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(q)));
+                let s = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
+                $acc = _mm512_fmadd_ps(_mm512_broadcastss_ps(d), s, $acc);
+            }};
+        }
+        let mut b = 0;
+        while b + 2 <= blocks {
+            block!(b, acc0);
+            block!(b + 1, acc1);
+            b += 2;
+        }
+        if b < blocks {
+            block!(b, acc0);
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+    }
+
+    /// `y[i] = row(first + i) · x`.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub(super) fn matvec_rows(w: &RawMatrix, first: usize, x: &[f32], xsum: &[f32], y: &mut [f32]) {
+        let rb = w.row_bytes();
+        for (i, out) in y.iter_mut().enumerate() {
+            let row = &w.bytes[(first + i) * rb..(first + i + 1) * rb];
+            *out = match w.ty {
+                GgmlType::Q4_1 => dot_q4::<true>(row, x, xsum),
+                GgmlType::Q4_0 => dot_q4::<false>(row, x, xsum),
+                _ => dot_q8_0(row, x),
+            };
+        }
+    }
+
+    /// Rows `first..first + n` decoded once, then a 4-row by 2-token register-blocked f32
+    /// product with every token of `xs`; `ys` is `[tokens, n]`.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub(super) fn matmul_rows(w: &RawMatrix, first: usize, n: usize, xs: &[f32], ys: &mut [f32]) {
+        let cols = w.cols;
+        assert!(cols % 16 == 0 && xs.len() % cols == 0);
+        let tokens = xs.len() / cols;
+        assert!(ys.len() == tokens * n);
+        let rb = w.row_bytes();
+        let mut rows = vec![0f32; n * cols];
+        for i in 0..n {
+            dequantize(w.ty, &w.bytes[(first + i) * rb..(first + i + 1) * rb], &mut rows[i * cols..(i + 1) * cols]);
+        }
+        let (rp, xp) = (rows.as_ptr(), xs.as_ptr());
+        let mut t = 0;
+        while t < tokens {
+            let tt = (tokens - t).min(2);
+            // The second token of an odd tail reads the first token's row again; its sums are
+            // dropped.
+            let t1 = if tt == 2 { t + 1 } else { t };
+            let mut r = 0;
+            while r < n {
+                let rr = (n - r).min(4);
+                // Rows beyond n repeat the last row; their sums are dropped.
+                let ri = [r, (r + 1).min(n - 1), (r + 2).min(n - 1), (r + 3).min(n - 1)];
+                let mut acc = [_mm512_setzero_ps(); 8];
+                let mut c = 0;
+                while c < cols {
+                    // SAFETY: every row index is < n and every token index < tokens, and
+                    // c + 16 <= cols (cols is a multiple of 16), so each 16-float load lies
+                    // inside `rows` ([n, cols]) or `xs` ([tokens, cols]).
+                    unsafe {
+                        let x0 = _mm512_loadu_ps(xp.add(t * cols + c));
+                        let x1 = _mm512_loadu_ps(xp.add(t1 * cols + c));
+                        let w0 = _mm512_loadu_ps(rp.add(ri[0] * cols + c));
+                        let w1 = _mm512_loadu_ps(rp.add(ri[1] * cols + c));
+                        let w2 = _mm512_loadu_ps(rp.add(ri[2] * cols + c));
+                        let w3 = _mm512_loadu_ps(rp.add(ri[3] * cols + c));
+                        acc[0] = _mm512_fmadd_ps(w0, x0, acc[0]);
+                        acc[1] = _mm512_fmadd_ps(w1, x0, acc[1]);
+                        acc[2] = _mm512_fmadd_ps(w2, x0, acc[2]);
+                        acc[3] = _mm512_fmadd_ps(w3, x0, acc[3]);
+                        acc[4] = _mm512_fmadd_ps(w0, x1, acc[4]);
+                        acc[5] = _mm512_fmadd_ps(w1, x1, acc[5]);
+                        acc[6] = _mm512_fmadd_ps(w2, x1, acc[6]);
+                        acc[7] = _mm512_fmadd_ps(w3, x1, acc[7]);
+                    }
+                    c += 16;
+                }
+                for k in 0..rr {
+                    ys[t * n + r + k] = _mm512_reduce_add_ps(acc[k]);
+                    if tt == 2 {
+                        ys[(t + 1) * n + r + k] = _mm512_reduce_add_ps(acc[4 + k]);
+                    }
+                }
+                r += rr;
+            }
+            t += tt;
         }
     }
 }
