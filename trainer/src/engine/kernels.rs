@@ -222,7 +222,9 @@ fn matvec_rows_dispatch(w: &RawMatrix, first: usize, x: &[f32], xsum: &[f32], y:
     match level() {
         // SAFETY: `level()` returns Avx512 / Avx2 only after the CPU reported those features.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 if avx512::supports(w.ty) => unsafe { avx512::matvec_rows(w, first, x, xsum, y) },
+        Level::Avx512 if avx512::supports(w.ty) => unsafe {
+            avx512::matvec_rows(w, first, x, xsum, y)
+        },
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => unsafe { matvec_rows_avx512(w, first, x, xsum, y) },
         #[cfg(target_arch = "x86_64")]
@@ -259,6 +261,23 @@ pub fn matvec(w: &RawMatrix, x: &[f32], y: &mut [f32]) {
         .for_each(|(c, out)| {
             matvec_rows_dispatch(w, c * MATVEC_CHUNK, x, &xsum, out);
         });
+}
+
+/// Several matrix-vector products in one parallel pass (`ys[i] = ws[i]·xs[i]`): the projections
+/// that read the same input (query, key and value; gate and up) cost one fork-join instead of
+/// three, which matters when decoding one token at a time.
+pub fn matvec_many(jobs: &mut [(&RawMatrix, &[f32], &mut [f32])]) {
+    let sums: Vec<Vec<f32>> = jobs.iter().map(|(_, x, _)| block_sums(x)).collect();
+    let mut tasks = Vec::new();
+    for ((w, x, y), xsum) in jobs.iter_mut().zip(&sums) {
+        assert_eq!((x.len(), y.len()), (w.cols, w.rows), "matvec shapes");
+        for (c, out) in y.chunks_mut(MATVEC_CHUNK).enumerate() {
+            tasks.push((*w, *x, xsum.as_slice(), c * MATVEC_CHUNK, out));
+        }
+    }
+    tasks
+        .into_par_iter()
+        .for_each(|(w, x, xsum, first, out)| matvec_rows_dispatch(w, first, x, xsum, out));
 }
 
 /// `Y = X·Wᵀ` for `X` `[tokens, cols]`, giving `Y` `[tokens, rows]`.
@@ -337,7 +356,10 @@ mod avx512 {
                 let lo = _mm_and_si128(q, mask);
                 let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
                 let (flo, fhi) = if MIN {
-                    (_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)))
+                    (
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)),
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)),
+                    )
                 } else {
                     (
                         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(lo, eight))),
@@ -427,7 +449,11 @@ mod avx512 {
         let rb = w.row_bytes();
         let mut rows = vec![0f32; n * cols];
         for i in 0..n {
-            dequantize(w.ty, &w.bytes[(first + i) * rb..(first + i + 1) * rb], &mut rows[i * cols..(i + 1) * cols]);
+            dequantize(
+                w.ty,
+                &w.bytes[(first + i) * rb..(first + i + 1) * rb],
+                &mut rows[i * cols..(i + 1) * cols],
+            );
         }
         let (rp, xp) = (rows.as_ptr(), xs.as_ptr());
         let mut t = 0;
@@ -440,7 +466,12 @@ mod avx512 {
             while r < n {
                 let rr = (n - r).min(4);
                 // Rows beyond n repeat the last row; their sums are dropped.
-                let ri = [r, (r + 1).min(n - 1), (r + 2).min(n - 1), (r + 3).min(n - 1)];
+                let ri = [
+                    r,
+                    (r + 1).min(n - 1),
+                    (r + 2).min(n - 1),
+                    (r + 3).min(n - 1),
+                ];
                 let mut acc = [_mm512_setzero_ps(); 8];
                 let mut c = 0;
                 while c < cols {

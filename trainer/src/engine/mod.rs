@@ -211,9 +211,17 @@ impl Engine {
         let mut up = vec![0f32; n * c.intermediate_size];
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm_rows(&x, &layer.attn_norm, eps, &mut normed);
-            kernels::matmul(&layer.q, &normed, &mut q);
-            kernels::matmul(&layer.k, &normed, &mut k);
-            kernels::matmul(&layer.v, &normed, &mut v);
+            if n == 1 {
+                kernels::matvec_many(&mut [
+                    (&layer.q, &normed, &mut q),
+                    (&layer.k, &normed, &mut k),
+                    (&layer.v, &normed, &mut v),
+                ]);
+            } else {
+                kernels::matmul(&layer.q, &normed, &mut q);
+                kernels::matmul(&layer.k, &normed, &mut k);
+                kernels::matmul(&layer.v, &normed, &mut v);
+            }
             for t in 0..n {
                 self.rope(
                     &mut q[t * c.num_heads * hd..(t + 1) * c.num_heads * hd],
@@ -227,8 +235,15 @@ impl Engine {
             kernels::matmul(&layer.o, &attn, &mut o);
             add(&mut x, &o);
             rms_norm_rows(&x, &layer.ffn_norm, eps, &mut normed);
-            kernels::matmul(&layer.gate, &normed, &mut gate);
-            kernels::matmul(&layer.up, &normed, &mut up);
+            if n == 1 {
+                kernels::matvec_many(&mut [
+                    (&layer.gate, &normed, &mut gate),
+                    (&layer.up, &normed, &mut up),
+                ]);
+            } else {
+                kernels::matmul(&layer.gate, &normed, &mut gate);
+                kernels::matmul(&layer.up, &normed, &mut up);
+            }
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
@@ -270,7 +285,7 @@ impl Engine {
         let kv_dim = c.num_kv_heads * hd;
         let group = nh / c.num_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
+        let one = |(idx, o): (usize, &mut [f32])| {
             let (t, head) = (idx / nh, idx % nh);
             let kvh = head / group;
             let qv = &q[idx * hd..(idx + 1) * hd];
@@ -295,7 +310,13 @@ impl Engine {
                     *acc += p * val;
                 }
             }
-        });
+        };
+        // Few queries over a short context: a fork-join costs more than the work.
+        if out.len() / hd * (past + out.len() / hd / nh) < 4096 {
+            out.chunks_mut(hd).enumerate().for_each(one);
+        } else {
+            out.par_chunks_mut(hd).enumerate().for_each(one);
+        }
     }
 }
 
