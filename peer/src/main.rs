@@ -11,6 +11,12 @@ use cohort_protocol::hash::ContentHasher;
 
 mod model_cli;
 
+/// burn's CPU backend allocates a fresh buffer for every tensor; glibc's malloc hands large
+/// freed buffers back to the kernel at once and page-faults them in again on the next step
+/// (measured 1.3-1.9x slower training steps). mimalloc keeps freed pages for reuse.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Cohort: fine-tune language models together, peer to peer, with credit for data and compute.
 #[derive(Debug, Parser)]
 #[command(name = "cohort", version, about, long_about = None)]
