@@ -161,3 +161,48 @@ fn the_cpu_engine_matches_the_f64_reference_in_every_tensor_type() {
     t.kv_heads = 1;
     check_engine(&t);
 }
+
+#[test]
+fn a_hugging_face_safetensors_checkpoint_loads_into_both_models() {
+    use cohort_trainer::engine::{Engine, EngineCache, Logits};
+    use cohort_trainer::model::Weights;
+    use cohort_trainer::model::safetensors::Checkpoint;
+    let mut t = Tiny::new(GgmlType::Q8_0);
+    t.tied = false;
+    let (_, reference) = tiny_model(&t);
+    let dir = tempfile::tempdir().unwrap();
+    common::write_hf_checkpoint(&reference, dir.path());
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let w = Weights::Hf(&ck);
+    let want: Vec<f64> = ref_forward(&reference, &TOKENS).concat();
+    let device = Device::flex();
+    let model = Llama::from_weights(&w, &device).unwrap();
+    let got = logits(&model, &TOKENS, None, &device);
+    assert!(
+        max_abs_diff(&got, &want) < 1e-4,
+        "burn from safetensors: {:e}",
+        max_abs_diff(&got, &want)
+    );
+    let engine = Engine::from_weights(&w).unwrap();
+    let got = engine
+        .forward(&TOKENS, &mut EngineCache::new(), Logits::All)
+        .unwrap();
+    assert!(
+        max_abs_diff(&got, &want) < 1e-4,
+        "engine from safetensors: {:e}",
+        max_abs_diff(&got, &want)
+    );
+    // A missing tensor is named.
+    std::fs::write(
+        dir.path().join("config.json"),
+        std::fs::read_to_string(dir.path().join("config.json"))
+            .unwrap()
+            .replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3"),
+    )
+    .unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let err = Engine::from_weights(&Weights::Hf(&ck))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.layers.2."), "{err}");
+}

@@ -13,9 +13,9 @@ pub mod kernels;
 
 use rayon::prelude::*;
 
-use crate::gguf::{GgufError, GgufFile};
-use crate::model::weights::{self, Proj, RawMatrix};
-use crate::model::{ContextLengthError, LlamaConfig};
+use crate::gguf::GgufFile;
+use crate::model::weights::{Proj, RawMatrix};
+use crate::model::{ContextLengthError, LlamaConfig, LoadError, Weights};
 
 /// One block's weights, as encoded in the file (rows in HF order).
 #[derive(Debug)]
@@ -96,27 +96,20 @@ pub enum Logits {
 
 impl Engine {
     /// Loads a `llama` GGUF, keeping its blocks as they are.
-    pub fn from_gguf(file: &GgufFile) -> Result<Engine, GgufError> {
-        let c = LlamaConfig::from_gguf(file)?;
-        let h = c.hidden_size;
-        let embed = weights::matrix(file, "token_embd.weight", c.vocab_size, h, None)?;
-        let output = if c.tie_embeddings {
-            None
-        } else {
-            Some(weights::matrix(
-                file,
-                "output.weight",
-                c.vocab_size,
-                h,
-                None,
-            )?)
-        };
+    pub fn from_gguf(file: &GgufFile) -> Result<Engine, LoadError> {
+        Engine::from_weights(&Weights::gguf(file)?)
+    }
+
+    /// Loads a model from a GGUF file or a Hugging Face checkpoint (its F32/F16/BF16 tensors
+    /// are multiplied as they are).
+    pub fn from_weights(w: &Weights<'_>) -> Result<Engine, LoadError> {
+        let c = w.config().clone();
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
-            let p = |proj| weights::projection(file, &c, l, proj);
+            let p = |proj| w.projection(l, proj);
             layers.push(Layer {
-                attn_norm: weights::vector(file, &weights::attn_norm_name(l), h)?,
-                ffn_norm: weights::vector(file, &weights::ffn_norm_name(l), h)?,
+                attn_norm: w.attn_norm(l)?,
+                ffn_norm: w.ffn_norm(l)?,
                 q: p(Proj::Q)?,
                 k: p(Proj::K)?,
                 v: p(Proj::V)?,
@@ -126,18 +119,17 @@ impl Engine {
                 down: p(Proj::Down)?,
             });
         }
-        let norm = weights::vector(file, "output_norm.weight", h)?;
         let half = c.head_dim / 2;
         let inv_freq = (0..half)
             .map(|i| c.rope_theta.powf(-2.0 * i as f64 / c.head_dim as f64))
             .collect();
         Ok(Engine {
-            config: c,
-            embed,
-            output,
-            norm,
+            embed: w.embed()?,
+            output: w.output()?,
+            norm: w.final_norm()?,
             layers,
             inv_freq,
+            config: c,
         })
     }
 

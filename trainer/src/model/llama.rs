@@ -12,9 +12,9 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::module::linear;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
-use super::LlamaConfig;
-use super::weights::{self, Proj};
-use crate::gguf::{GgufError, GgufFile};
+use super::weights::{Proj, RawMatrix};
+use super::{LoadError, Weights};
+use crate::gguf::GgufFile;
 
 /// A frozen `[out_features, in_features]` projection.
 #[derive(Module, Debug)]
@@ -116,51 +116,44 @@ pub struct ContextLengthError {
 
 impl Llama {
     /// Loads a `llama` GGUF onto `device`, every weight dequantized to f32.
-    pub fn from_gguf(file: &GgufFile, device: &Device) -> Result<Llama, GgufError> {
-        let c = LlamaConfig::from_gguf(file)?;
-        let h = c.hidden_size;
-        let tensor = |values: Vec<f32>, rows: usize, cols: usize| {
-            Tensor::<2>::from_data(TensorData::new(values, [rows, cols]), (device, DType::F32))
+    pub fn from_gguf(file: &GgufFile, device: &Device) -> Result<Llama, LoadError> {
+        Llama::from_weights(&Weights::gguf(file)?, device)
+    }
+
+    /// Loads a model from a GGUF file or a Hugging Face checkpoint onto `device` (f32 weights).
+    pub fn from_weights(w: &Weights<'_>, device: &Device) -> Result<Llama, LoadError> {
+        let c = w.config().clone();
+        let tensor = |m: RawMatrix| {
+            let (rows, cols) = (m.rows, m.cols);
+            Tensor::<2>::from_data(
+                TensorData::new(m.to_f32(), [rows, cols]),
+                (device, DType::F32),
+            )
         };
         let vector = |values: Vec<f32>| {
             let len = values.len();
             Tensor::<1>::from_data(TensorData::new(values, [len]), (device, DType::F32))
         };
-        let embed = weights::matrix(file, "token_embd.weight", c.vocab_size, h, None)?;
-        let embed = tensor(embed.to_f32(), c.vocab_size, h);
+        let embed = tensor(w.embed()?);
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
-            let proj = |p: Proj| -> Result<Projection, GgufError> {
-                let m = weights::projection(file, &c, l, p)?;
-                Ok(Projection::new(tensor(m.to_f32(), m.rows, m.cols)))
+            let proj = |p: Proj| -> Result<Projection, LoadError> {
+                Ok(Projection::new(tensor(w.projection(l, p)?)))
             };
             layers.push(Block {
-                attn_norm: frozen(vector(weights::vector(
-                    file,
-                    &weights::attn_norm_name(l),
-                    h,
-                )?)),
+                attn_norm: frozen(vector(w.attn_norm(l)?)),
                 q: proj(Proj::Q)?,
                 k: proj(Proj::K)?,
                 v: proj(Proj::V)?,
                 o: proj(Proj::O)?,
-                ffn_norm: frozen(vector(weights::vector(
-                    file,
-                    &weights::ffn_norm_name(l),
-                    h,
-                )?)),
+                ffn_norm: frozen(vector(w.ffn_norm(l)?)),
                 gate: proj(Proj::Gate)?,
                 up: proj(Proj::Up)?,
                 down: proj(Proj::Down)?,
             });
         }
-        let norm = frozen(vector(weights::vector(file, "output_norm.weight", h)?));
-        let lm_head = if c.tie_embeddings {
-            None
-        } else {
-            let m = weights::matrix(file, "output.weight", c.vocab_size, h, None)?;
-            Some(Projection::new(tensor(m.to_f32(), m.rows, m.cols)))
-        };
+        let norm = frozen(vector(w.final_norm()?));
+        let lm_head = w.output()?.map(|m| Projection::new(tensor(m)));
         Ok(Llama {
             embed: frozen(embed),
             layers,

@@ -2,7 +2,9 @@
 
 mod config;
 pub mod llama;
+pub mod safetensors;
 pub mod weights;
 
 pub use config::LlamaConfig;
 pub use llama::{ContextLengthError, KvCache, Llama};
+pub use weights::{LoadError, Weights};

@@ -178,3 +178,104 @@ pub fn attn_norm_name(layer: usize) -> String {
 pub fn ffn_norm_name(layer: usize) -> String {
     format!("blk.{layer}.ffn_norm.weight")
 }
+
+/// Where a model's weights come from: a GGUF file or a Hugging Face checkpoint.
+#[derive(Debug)]
+pub enum Weights<'a> {
+    Gguf(&'a GgufFile, LlamaConfig),
+    Hf(&'a super::safetensors::Checkpoint),
+}
+
+/// A weight that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Safetensors(#[from] super::safetensors::SafetensorsError),
+}
+
+impl<'a> Weights<'a> {
+    /// The weights of a `llama` GGUF file.
+    pub fn gguf(file: &'a GgufFile) -> Result<Weights<'a>, GgufError> {
+        Ok(Weights::Gguf(file, LlamaConfig::from_gguf(file)?))
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        match self {
+            Weights::Gguf(_, c) => c,
+            Weights::Hf(ck) => ck.config(),
+        }
+    }
+
+    /// The token embedding `[vocab, hidden]`.
+    pub fn embed(&self) -> Result<RawMatrix, LoadError> {
+        let c = self.config();
+        Ok(match self {
+            Weights::Gguf(f, _) => {
+                matrix(f, "token_embd.weight", c.vocab_size, c.hidden_size, None)?
+            }
+            Weights::Hf(ck) => {
+                ck.matrix("model.embed_tokens.weight", c.vocab_size, c.hidden_size)?
+            }
+        })
+    }
+
+    /// The output projection `[vocab, hidden]`, or `None` when it is tied to the embedding.
+    pub fn output(&self) -> Result<Option<RawMatrix>, LoadError> {
+        let c = self.config();
+        if c.tie_embeddings {
+            return Ok(None);
+        }
+        Ok(Some(match self {
+            Weights::Gguf(f, _) => matrix(f, "output.weight", c.vocab_size, c.hidden_size, None)?,
+            Weights::Hf(ck) => ck.matrix("lm_head.weight", c.vocab_size, c.hidden_size)?,
+        }))
+    }
+
+    /// A projection of block `layer`, rows in HF order.
+    pub fn projection(&self, layer: usize, proj: Proj) -> Result<RawMatrix, LoadError> {
+        let c = self.config();
+        Ok(match self {
+            Weights::Gguf(f, _) => projection(f, c, layer, proj)?,
+            Weights::Hf(ck) => {
+                let (rows, cols) = proj.shape(c);
+                ck.matrix(
+                    &super::safetensors::hf_projection_name(layer, proj),
+                    rows,
+                    cols,
+                )?
+            }
+        })
+    }
+
+    fn norm(&self, gguf: &str, hf: &str) -> Result<Vec<f32>, LoadError> {
+        let h = self.config().hidden_size;
+        Ok(match self {
+            Weights::Gguf(f, _) => vector(f, gguf, h)?,
+            Weights::Hf(ck) => ck.vector(hf, h)?,
+        })
+    }
+
+    /// Block `layer`'s attention norm.
+    pub fn attn_norm(&self, layer: usize) -> Result<Vec<f32>, LoadError> {
+        self.norm(
+            &attn_norm_name(layer),
+            &format!("model.layers.{layer}.input_layernorm.weight"),
+        )
+    }
+
+    /// Block `layer`'s feed-forward norm.
+    pub fn ffn_norm(&self, layer: usize) -> Result<Vec<f32>, LoadError> {
+        self.norm(
+            &ffn_norm_name(layer),
+            &format!("model.layers.{layer}.post_attention_layernorm.weight"),
+        )
+    }
+
+    /// The final norm.
+    pub fn final_norm(&self) -> Result<Vec<f32>, LoadError> {
+        self.norm("output_norm.weight", "model.norm.weight")
+    }
+}

@@ -491,3 +491,74 @@ pub fn tiny_model_with_tokenizer(t: &Tiny) -> (Vec<u8>, RefModel) {
     }
     (w.to_bytes(), model)
 }
+
+/// Writes the reference model as a Hugging Face checkpoint (`config.json` and
+/// `model.safetensors`, all tensors F32), written from the published safetensors layout.
+pub fn write_hf_checkpoint(m: &RefModel, dir: &std::path::Path) {
+    let t = &m.t;
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": t.vocab,
+        "hidden_size": t.hidden,
+        "intermediate_size": t.inter,
+        "num_hidden_layers": t.layers,
+        "num_attention_heads": t.heads,
+        "num_key_value_heads": t.kv_heads,
+        "rope_theta": t.rope_theta,
+        "rms_norm_eps": t.eps,
+        "max_position_embeddings": t.ctx,
+        "tie_word_embeddings": t.tied,
+    });
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, &[f64])> = vec![
+        (
+            "model.embed_tokens.weight".into(),
+            vec![t.vocab, t.hidden],
+            &m.embed,
+        ),
+        ("model.norm.weight".into(), vec![t.hidden], &m.norm),
+    ];
+    if let Some(out) = &m.output {
+        tensors.push(("lm_head.weight".into(), vec![t.vocab, t.hidden], out));
+    }
+    let kv = t.kv_heads * t.head_dim();
+    for (l, layer) in m.layers.iter().enumerate() {
+        let p = |s: &str| format!("model.layers.{l}.{s}.weight");
+        tensors.push((p("input_layernorm"), vec![t.hidden], &layer.attn_norm));
+        tensors.push((
+            p("post_attention_layernorm"),
+            vec![t.hidden],
+            &layer.ffn_norm,
+        ));
+        tensors.push((p("self_attn.q_proj"), vec![t.hidden, t.hidden], &layer.q));
+        tensors.push((p("self_attn.k_proj"), vec![kv, t.hidden], &layer.k));
+        tensors.push((p("self_attn.v_proj"), vec![kv, t.hidden], &layer.v));
+        tensors.push((p("self_attn.o_proj"), vec![t.hidden, t.hidden], &layer.o));
+        tensors.push((p("mlp.gate_proj"), vec![t.inter, t.hidden], &layer.gate));
+        tensors.push((p("mlp.up_proj"), vec![t.inter, t.hidden], &layer.up));
+        tensors.push((p("mlp.down_proj"), vec![t.hidden, t.inter], &layer.down));
+    }
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut data = Vec::new();
+    for (name, shape, values) in &tensors {
+        let start = data.len();
+        for v in values.iter() {
+            data.extend_from_slice(&(*v as f32).to_le_bytes());
+        }
+        header.insert(name.clone(), serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}));
+    }
+    let mut head = serde_json::to_vec(&header).unwrap();
+    while head.len() % 8 != 0 {
+        head.push(b' ');
+    }
+    let mut file = (head.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&head);
+    file.extend_from_slice(&data);
+    std::fs::write(dir.join("model.safetensors"), file).unwrap();
+}
