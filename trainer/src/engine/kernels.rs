@@ -238,7 +238,9 @@ fn matmul_rows_dispatch(w: &RawMatrix, first: usize, n: usize, xs: &[f32], ys: &
     match level() {
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 if w.cols % 16 == 0 => unsafe { avx512::matmul_rows(w, first, n, xs, ys) },
+        Level::Avx512 if w.cols.is_multiple_of(16) => unsafe {
+            avx512::matmul_rows(w, first, n, xs, ys)
+        },
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => unsafe { matmul_rows_avx512(w, first, n, xs, ys) },
         #[cfg(target_arch = "x86_64")]
@@ -443,7 +445,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     pub(super) fn matmul_rows(w: &RawMatrix, first: usize, n: usize, xs: &[f32], ys: &mut [f32]) {
         let cols = w.cols;
-        assert!(cols % 16 == 0 && xs.len() % cols == 0);
+        assert!(cols.is_multiple_of(16) && xs.len().is_multiple_of(cols));
         let tokens = xs.len() / cols;
         assert!(ys.len() == tokens * n);
         let rb = w.row_bytes();
