@@ -336,8 +336,14 @@ mod avx512 {
         let blocks = row.len() / bb;
         assert!(row.len() == blocks * bb && x.len() >= blocks * 32 && xsum.len() >= blocks);
         let (rp, xp) = (row.as_ptr(), x.as_ptr());
-        let mask = _mm_set1_epi8(0x0f);
-        let eight = _mm_set1_epi8(8);
+        let bias = if MIN { 0.0 } else { -8.0 };
+        let table = _mm512_add_ps(
+            _mm512_set_ps(
+                15.0, 14.0, 13.0, 12.0, 11.0, 10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0,
+                0.0,
+            ),
+            _mm512_set1_ps(bias),
+        );
         let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let (mut off0, mut off1) = (0f32, 0f32);
         macro_rules! block {
@@ -355,21 +361,17 @@ mod avx512 {
                     )
                 };
                 let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
-                let lo = _mm_and_si128(q, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-                let (flo, fhi) = if MIN {
-                    (
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)),
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)),
-                    )
-                } else {
-                    (
-                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(lo, eight))),
-                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(hi, eight))),
-                    )
-                };
-                let s = _mm512_fmadd_ps(fhi, x1, _mm512_mul_ps(flo, x0));
-                $acc = _mm512_fmadd_ps(_mm512_broadcastss_ps(dm), s, $acc);
+                // The 16 bytes widened to 16 lanes; a lane's low 4 bits pick its element's
+                // value d·q (or d·(q - 8)) from a 16-entry table, and shifting by 4 brings the
+                // high nibble down for the second half of the block.
+                let idx = _mm512_cvtepu8_epi32(q);
+                let td = _mm512_mul_ps(table, _mm512_broadcastss_ps(dm));
+                $acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, td), x0, $acc);
+                $acc = _mm512_fmadd_ps(
+                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(idx), td),
+                    x1,
+                    $acc,
+                );
                 if MIN {
                     $off = _mm_cvtss_f32(_mm_movehdup_ps(dm)).mul_add(xsum[b], $off);
                 }
