@@ -20,7 +20,9 @@
 //! built from [`lora::LoraLinear`] layers, the quantized (QLoRA) linear, the training loop with its
 //! state-hash commitments, generation, PEFT adapter export, and adapter merging.
 
+pub mod adapter;
 pub mod bench;
+pub mod data;
 pub mod engine;
 pub mod generate;
 pub mod gguf;
@@ -29,3 +31,4 @@ pub mod model;
 pub mod models;
 pub mod perplexity;
 pub mod tokenizer;
+pub mod train;

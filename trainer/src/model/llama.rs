@@ -16,27 +16,65 @@ use super::weights::{Proj, RawMatrix};
 use super::{LoadError, Weights};
 use crate::gguf::GgufFile;
 
-/// A frozen `[out_features, in_features]` projection.
+/// A frozen `[out_features, in_features]` projection, optionally with a trainable LoRA update
+/// (`y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, PEFT's `lora.Linear`; see [`crate::lora`]).
 #[derive(Module, Debug)]
 pub struct Projection {
     weight: Param<Tensor<2>>,
+    lora: Option<Adapter>,
+}
+
+/// The LoRA factors of one projection: `A` `[rank, in]`, `B` `[out, rank]`, and the scaling.
+#[derive(Module, Debug)]
+pub struct Adapter {
+    pub a: Param<Tensor<2>>,
+    pub b: Param<Tensor<2>>,
+    pub scaling: f32,
 }
 
 impl Projection {
     fn new(weight: Tensor<2>) -> Projection {
         Projection {
             weight: frozen(weight),
+            lora: None,
         }
     }
 
-    /// `x·Wᵀ`.
+    /// `x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        linear(x, self.weight.val().transpose(), None)
+        let base = linear(x.clone(), self.weight.val().transpose(), None);
+        match &self.lora {
+            None => base,
+            Some(l) => {
+                let down = linear(x, l.a.val().transpose(), None).mul_scalar(l.scaling);
+                base + linear(down, l.b.val().transpose(), None)
+            }
+        }
     }
 
     /// The weight, `[out_features, in_features]`.
     pub fn weight(&self) -> &Param<Tensor<2>> {
         &self.weight
+    }
+
+    /// The LoRA update, when the projection has one.
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.lora.as_ref()
+    }
+
+    /// Attaches (or replaces) a LoRA update with factors `a` `[rank, in]` and `b` `[out, rank]`,
+    /// as trainable parameters on the weight's device.
+    pub fn set_adapter(&mut self, a: Tensor<2>, b: Tensor<2>, scaling: f32) {
+        self.lora = Some(Adapter {
+            a: Param::from_tensor(a),
+            b: Param::from_tensor(b),
+            scaling,
+        });
+    }
+
+    /// Removes the LoRA update.
+    pub fn clear_adapter(&mut self) {
+        self.lora = None;
     }
 }
 
@@ -65,6 +103,19 @@ impl Block {
             Proj::Gate => &self.gate,
             Proj::Up => &self.up,
             Proj::Down => &self.down,
+        }
+    }
+
+    /// The block's projection of that kind, mutably.
+    pub fn projection_mut(&mut self, proj: Proj) -> &mut Projection {
+        match proj {
+            Proj::Q => &mut self.q,
+            Proj::K => &mut self.k,
+            Proj::V => &mut self.v,
+            Proj::O => &mut self.o,
+            Proj::Gate => &mut self.gate,
+            Proj::Up => &mut self.up,
+            Proj::Down => &mut self.down,
         }
     }
 }
@@ -171,6 +222,16 @@ impl Llama {
     /// The blocks.
     pub fn layers(&self) -> &[Block] {
         &self.layers
+    }
+
+    /// The blocks, mutably (to attach adapters).
+    pub fn layers_mut(&mut self) -> &mut [Block] {
+        &mut self.layers
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> Device {
+        self.embed.val().device()
     }
 
     /// The context length.

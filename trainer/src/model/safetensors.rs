@@ -293,3 +293,66 @@ fn config_from_hf(j: &serde_json::Value) -> Result<LlamaConfig, String> {
         tie_embeddings: j["tie_word_embeddings"].as_bool().unwrap_or(false),
     })
 }
+
+/// Every tensor of one safetensors file, as f32 (`name`, `shape`, values), sorted by name.
+#[allow(clippy::type_complexity)]
+pub fn read_tensors(path: &Path) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, SafetensorsError> {
+    let err = |problem: String| SafetensorsError {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let mut index = BTreeMap::new();
+    parse_header(&bytes, 0, &mut index).map_err(err)?;
+    Ok(index
+        .into_iter()
+        .map(|(name, e)| {
+            let mut values = vec![0f32; e.shape.iter().product()];
+            crate::gguf::quant::dequantize(e.ty, &bytes[e.start..e.end], &mut values);
+            (name, e.shape, values)
+        })
+        .collect())
+}
+
+/// Writes f32 tensors as one safetensors file (names sorted, header padded to 8 bytes), to a
+/// temporary name first and then renamed into place.
+pub fn write_tensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    metadata: &[(&str, &str)],
+) -> std::io::Result<()> {
+    let mut sorted: Vec<&(String, Vec<usize>, Vec<f32>)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let meta: serde_json::Map<String, serde_json::Value> = metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+            .collect();
+        header.insert("__metadata__".into(), serde_json::Value::Object(meta));
+    }
+    let mut offset = 0usize;
+    for (name, shape, values) in &sorted {
+        let end = offset + values.len() * 4;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut head = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+    while !head.len().is_multiple_of(8) {
+        head.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + head.len() + offset);
+    out.extend_from_slice(&(head.len() as u64).to_le_bytes());
+    out.extend_from_slice(&head);
+    for (_, _, values) in &sorted {
+        for v in values.iter() {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    let tmp = path.with_extension("safetensors.partial");
+    std::fs::write(&tmp, &out)?;
+    std::fs::rename(&tmp, path)
+}

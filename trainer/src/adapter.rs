@@ -1,0 +1,427 @@
+//! LoRA adapters on the Llama model: which projections get one, how they start, and how they
+//! travel — in Hugging Face PEFT's format, so PEFT loads a Cohort adapter onto the same base model
+//! and a PEFT adapter loads into Cohort.
+//!
+//! A PEFT adapter directory holds `adapter_config.json` (`peft_type` `LORA`, `r`, `lora_alpha`,
+//! `target_modules`, `use_rslora`, ...) and `adapter_model.safetensors` with one pair per adapted
+//! projection: `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` `[r, in]` and
+//! `...lora_B.weight` `[out, r]` (`mlp.` for gate/up/down). Cohort's weights are in Hugging
+//! Face's layout (the GGUF's query/key row permutation is undone at load), so the factors need no
+//! conversion either way.
+//!
+//! Initialisation is PEFT's (`B = 0`, `A` kaiming-uniform) with `A` drawn from SplitMix64 seeded
+//! per projection from the job seed ([`projection_seed`]): the same seed gives the same starting
+//! adapter on every peer.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{DType, Tensor, TensorData};
+use cohort_protocol::rng::SplitMix64;
+
+use crate::lora::LoraLinearConfig;
+use crate::model::Llama;
+use crate::model::safetensors::{SafetensorsError, read_tensors, write_tensors};
+use crate::model::weights::Proj;
+
+/// What to adapt and how.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f32,
+    #[serde(default)]
+    pub rslora: bool,
+    /// PEFT module names: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`,
+    /// `down_proj`.
+    pub targets: Vec<String>,
+    pub seed: u64,
+}
+
+impl Default for LoraSpec {
+    fn default() -> Self {
+        LoraSpec {
+            rank: 8,
+            alpha: 16.0,
+            rslora: false,
+            targets: Proj::ALL.iter().map(|p| p.hf_name().to_string()).collect(),
+            seed: 0,
+        }
+    }
+}
+
+/// A bad specification or adapter file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdapterError {
+    #[error("bad LoRA setting {field}: {reason}")]
+    BadSpec { field: &'static str, reason: String },
+    #[error("{}: {problem}", path.display())]
+    BadFile { path: PathBuf, problem: String },
+    #[error(transparent)]
+    Safetensors(#[from] SafetensorsError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl LoraSpec {
+    /// The projections named by `targets`.
+    pub fn projections(&self) -> Result<Vec<Proj>, AdapterError> {
+        let mut out = Vec::new();
+        for t in &self.targets {
+            let p = Proj::ALL
+                .into_iter()
+                .find(|p| p.hf_name() == t)
+                .ok_or_else(|| AdapterError::BadSpec { field: "targets", reason: format!("{t:?} is not one of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj") })?;
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+        if out.is_empty() {
+            return Err(AdapterError::BadSpec {
+                field: "targets",
+                reason: "no projection to adapt".into(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Checks the values, naming the first bad one.
+    pub fn validate(&self) -> Result<(), AdapterError> {
+        if self.rank == 0 {
+            return Err(AdapterError::BadSpec {
+                field: "rank",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(AdapterError::BadSpec {
+                field: "alpha",
+                reason: format!("{} is not a positive number", self.alpha),
+            });
+        }
+        self.projections().map(|_| ())
+    }
+
+    /// `alpha / rank`, or `alpha / sqrt(rank)` with rsLoRA.
+    pub fn scaling(&self) -> f32 {
+        let rank = self.rank as f64;
+        (f64::from(self.alpha) / if self.rslora { rank.sqrt() } else { rank }) as f32
+    }
+}
+
+/// The seed of projection `proj` of block `layer`'s `A`: SplitMix64's output after mixing the job
+/// seed with the projection's position, so every projection starts from its own stream.
+pub fn projection_seed(seed: u64, layer: usize, proj: Proj) -> u64 {
+    let index = Proj::ALL.iter().position(|p| *p == proj).unwrap_or(0) as u64;
+    SplitMix64::new(seed ^ ((layer as u64) << 8 | index).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .next_u64()
+}
+
+/// Attaches fresh adapters (PEFT's initialisation) to the targeted projections of every block,
+/// on the model's device. The model's base stays frozen; only the adapters train.
+pub fn attach(model: &mut Llama, spec: &LoraSpec) -> Result<(), AdapterError> {
+    spec.validate()?;
+    let targets = spec.projections()?;
+    let device = model.device();
+    let scaling = spec.scaling();
+    for (l, block) in model.layers_mut().iter_mut().enumerate() {
+        for &p in &targets {
+            let proj = block.projection_mut(p);
+            let [d_out, d_in] = proj.weight().val().dims();
+            let cfg =
+                LoraLinearConfig::new(d_in, d_out, spec.rank, projection_seed(spec.seed, l, p));
+            let a = Tensor::<2>::from_data(
+                TensorData::new(cfg.lora_a_init_values(), [spec.rank, d_in]),
+                (&device, DType::F32),
+            );
+            let b = Tensor::<2>::zeros([d_out, spec.rank], (&device, DType::F32));
+            proj.set_adapter(a, b, scaling);
+        }
+    }
+    Ok(())
+}
+
+/// An adapter's factors as plain values, independent of any device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterWeights {
+    pub spec: LoraSpec,
+    /// `(layer, projection)` -> (`A` `[rank, in]` row-major, `B` `[out, rank]` row-major, in, out).
+    pub factors: BTreeMap<(usize, usize), Factors>,
+}
+
+/// One projection's factors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Factors {
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+    pub d_in: usize,
+    pub d_out: usize,
+}
+
+fn proj_index(p: Proj) -> usize {
+    Proj::ALL.iter().position(|q| *q == p).unwrap_or(0)
+}
+
+impl AdapterWeights {
+    /// Reads the adapters out of a model.
+    pub fn from_model(model: &Llama, spec: &LoraSpec) -> AdapterWeights {
+        let mut factors = BTreeMap::new();
+        for (l, block) in model.layers().iter().enumerate() {
+            for p in Proj::ALL {
+                if let Some(ad) = block.projection(p).adapter() {
+                    let [rank, d_in] = ad.a.val().dims();
+                    let d_out = ad.b.val().dims()[0];
+                    debug_assert_eq!(rank, spec.rank);
+                    let read = |t: Tensor<2>| {
+                        t.into_data()
+                            .convert::<f32>()
+                            .try_into_vec::<f32>()
+                            .unwrap_or_default()
+                    };
+                    factors.insert(
+                        (l, proj_index(p)),
+                        Factors {
+                            a: read(ad.a.val()),
+                            b: read(ad.b.val()),
+                            d_in,
+                            d_out,
+                        },
+                    );
+                }
+            }
+        }
+        AdapterWeights {
+            spec: spec.clone(),
+            factors,
+        }
+    }
+
+    /// The factors of one projection.
+    pub fn get(&self, layer: usize, proj: Proj) -> Option<&Factors> {
+        self.factors.get(&(layer, proj_index(proj)))
+    }
+
+    /// Attaches these factors to a model (which must have the shapes they were trained on).
+    pub fn apply(&self, model: &mut Llama) -> Result<(), AdapterError> {
+        let device = model.device();
+        let scaling = self.spec.scaling();
+        let n_layers = model.layers().len();
+        for (&(l, pi), f) in &self.factors {
+            let bad = |problem: String| AdapterError::BadSpec {
+                field: "factors",
+                reason: problem,
+            };
+            if l >= n_layers {
+                return Err(bad(format!(
+                    "layer {l} does not exist in a model of {n_layers} layers"
+                )));
+            }
+            let proj = model.layers_mut()[l].projection_mut(Proj::ALL[pi]);
+            let [d_out, d_in] = proj.weight().val().dims();
+            if (f.d_in, f.d_out) != (d_in, d_out)
+                || f.a.len() != self.spec.rank * d_in
+                || f.b.len() != d_out * self.spec.rank
+            {
+                return Err(bad(format!(
+                    "layer {l} {}: factors for [{}, {}] on a [{d_out}, {d_in}] weight",
+                    Proj::ALL[pi].hf_name(),
+                    f.d_out,
+                    f.d_in
+                )));
+            }
+            let a = Tensor::<2>::from_data(
+                TensorData::new(f.a.clone(), [self.spec.rank, d_in]),
+                (&device, DType::F32),
+            );
+            let b = Tensor::<2>::from_data(
+                TensorData::new(f.b.clone(), [d_out, self.spec.rank]),
+                (&device, DType::F32),
+            );
+            proj.set_adapter(a, b, scaling);
+        }
+        Ok(())
+    }
+
+    /// Writes the adapter in PEFT's format into `dir` (created if needed).
+    pub fn save_peft(&self, dir: &Path, base_model: &str) -> Result<(), AdapterError> {
+        let io = |source| AdapterError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut tensors = Vec::new();
+        for (&(l, pi), f) in &self.factors {
+            let name = peft_name(l, Proj::ALL[pi]);
+            tensors.push((
+                format!("{name}.lora_A.weight"),
+                vec![self.spec.rank, f.d_in],
+                f.a.clone(),
+            ));
+            tensors.push((
+                format!("{name}.lora_B.weight"),
+                vec![f.d_out, self.spec.rank],
+                f.b.clone(),
+            ));
+        }
+        write_tensors(
+            &dir.join("adapter_model.safetensors"),
+            &tensors,
+            &[("format", "pt")],
+        )
+        .map_err(io)?;
+        let config = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": self.spec.rank,
+            "lora_alpha": self.spec.alpha,
+            "lora_dropout": 0.0,
+            "target_modules": self.spec.targets,
+            "use_rslora": self.spec.rslora,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "use_dora": false,
+            "modules_to_save": null,
+            "revision": null,
+            "cohort_seed": self.spec.seed,
+        });
+        let text =
+            serde_json::to_string_pretty(&config).map_err(|e| io(std::io::Error::other(e)))?;
+        std::fs::write(dir.join("adapter_config.json"), text).map_err(io)
+    }
+
+    /// Reads a PEFT LoRA adapter directory.
+    pub fn load_peft(dir: &Path) -> Result<AdapterWeights, AdapterError> {
+        let cfg_path = dir.join("adapter_config.json");
+        let bad = |path: &Path, problem: String| AdapterError::BadFile {
+            path: path.to_path_buf(),
+            problem,
+        };
+        let text = std::fs::read_to_string(&cfg_path).map_err(|source| AdapterError::Io {
+            path: cfg_path.clone(),
+            source,
+        })?;
+        let j: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(&cfg_path, format!("not JSON: {e}")))?;
+        if j["peft_type"].as_str() != Some("LORA") {
+            return Err(bad(
+                &cfg_path,
+                format!("peft_type {} is not LORA", j["peft_type"]),
+            ));
+        }
+        if j["use_dora"].as_bool() == Some(true) {
+            return Err(bad(&cfg_path, "DoRA adapters are not supported".into()));
+        }
+        let rank = j["r"]
+            .as_u64()
+            .ok_or_else(|| bad(&cfg_path, "\"r\" is missing".into()))? as usize;
+        let alpha = j["lora_alpha"]
+            .as_f64()
+            .ok_or_else(|| bad(&cfg_path, "\"lora_alpha\" is missing".into()))?
+            as f32;
+        let targets: Vec<String> = match &j["target_modules"] {
+            serde_json::Value::Array(a) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect(),
+            serde_json::Value::String(s) => vec![s.clone()],
+            other => {
+                return Err(bad(
+                    &cfg_path,
+                    format!("target_modules {other} is not a list"),
+                ));
+            }
+        };
+        let spec = LoraSpec {
+            rank,
+            alpha,
+            rslora: j["use_rslora"].as_bool().unwrap_or(false),
+            targets,
+            seed: j["cohort_seed"].as_u64().unwrap_or(0),
+        };
+        spec.validate()?;
+        let st_path = dir.join("adapter_model.safetensors");
+        let mut factors: BTreeMap<(usize, usize), (Option<Tensor2>, Option<Tensor2>)> =
+            BTreeMap::new();
+        for (name, shape, values) in read_tensors(&st_path)? {
+            let (l, p, which) = parse_peft_name(&name).ok_or_else(|| {
+                bad(
+                    &st_path,
+                    format!("tensor {name:?} is not a LoRA factor of a Llama projection"),
+                )
+            })?;
+            let e = factors.entry((l, proj_index(p))).or_default();
+            if which == 'A' {
+                e.0 = Some((shape, values))
+            } else {
+                e.1 = Some((shape, values))
+            }
+        }
+        let mut out = BTreeMap::new();
+        for ((l, pi), (a, b)) in factors {
+            let name = peft_name(l, Proj::ALL[pi]);
+            let (Some((sa, a)), Some((sb, b))) = (a, b) else {
+                return Err(bad(
+                    &st_path,
+                    format!("{name}: lora_A and lora_B must both be present"),
+                ));
+            };
+            if sa.len() != 2 || sb.len() != 2 || sa[0] != rank || sb[1] != rank {
+                return Err(bad(
+                    &st_path,
+                    format!("{name}: shapes {sa:?} and {sb:?} do not fit rank {rank}"),
+                ));
+            }
+            out.insert(
+                (l, pi),
+                Factors {
+                    a,
+                    b,
+                    d_in: sa[1],
+                    d_out: sb[0],
+                },
+            );
+        }
+        if out.is_empty() {
+            return Err(bad(&st_path, "no LoRA factors".into()));
+        }
+        Ok(AdapterWeights { spec, factors: out })
+    }
+}
+
+/// A shape and its row-major values.
+type Tensor2 = (Vec<usize>, Vec<f32>);
+
+/// PEFT's module path of a projection.
+pub fn peft_name(layer: usize, proj: Proj) -> String {
+    let block = match proj {
+        Proj::Q | Proj::K | Proj::V | Proj::O => "self_attn",
+        _ => "mlp",
+    };
+    format!(
+        "base_model.model.model.layers.{layer}.{block}.{}",
+        proj.hf_name()
+    )
+}
+
+fn parse_peft_name(name: &str) -> Option<(usize, Proj, char)> {
+    let rest = name.strip_prefix("base_model.model.model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let rest = rest
+        .strip_prefix("self_attn.")
+        .or_else(|| rest.strip_prefix("mlp."))?;
+    let (module, rest) = rest.split_once('.')?;
+    let proj = Proj::ALL.into_iter().find(|p| p.hf_name() == module)?;
+    let which = match rest {
+        "lora_A.weight" => 'A',
+        "lora_B.weight" => 'B',
+        _ => return None,
+    };
+    Some((layer, proj, which))
+}

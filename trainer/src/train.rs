@@ -1,0 +1,287 @@
+//! The LoRA training loop: masked next-token loss, AdamW with warmup and cosine or linear decay,
+//! global gradient-norm clipping, gradient accumulation, epochs over seeded shuffles.
+//!
+//! The model is the burn [`Llama`] built on an autodiff device with adapters attached
+//! ([`crate::adapter::attach`]); only the adapters have gradients. Each optimizer step consumes
+//! `grad_accum` micro-batches of `batch_size` examples (padded, loss masked to assistant tokens),
+//! averages their gradients, clips their global L2 norm to `max_grad_norm`, and steps AdamW at the
+//! scheduled learning rate. The order of examples comes from SplitMix64 seeded by the
+//! configuration's seed, so the same seed, data and thread count give the same adapter bits on
+//! the CPU.
+
+use std::time::Instant;
+
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use cohort_protocol::rng::SplitMix64;
+
+use crate::data::{Batch, Example};
+use crate::model::Llama;
+use crate::model::weights::Proj;
+
+/// How the learning rate moves after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+/// Training settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    pub learning_rate: f64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub warmup_steps: usize,
+    pub schedule: Schedule,
+    pub max_grad_norm: f64,
+    pub weight_decay: f32,
+    pub seed: u64,
+    /// Stop after this many optimizer steps (all epochs when `None`).
+    pub max_steps: Option<usize>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            learning_rate: 2e-4,
+            epochs: 1,
+            batch_size: 4,
+            grad_accum: 1,
+            warmup_steps: 0,
+            schedule: Schedule::Cosine,
+            max_grad_norm: 1.0,
+            weight_decay: 0.0,
+            seed: 0,
+            max_steps: None,
+        }
+    }
+}
+
+/// Progress, reported after every optimizer step.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StepEvent {
+    pub step: usize,
+    pub total_steps: usize,
+    pub epoch: usize,
+    /// Mean masked loss over the step's micro-batches (nats per target token).
+    pub loss: f64,
+    pub learning_rate: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Target tokens in this step.
+    pub target_tokens: usize,
+    /// All tokens (inputs, padding excluded) per second over this step.
+    pub tokens_per_s: f64,
+}
+
+/// What can go wrong.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrainError {
+    #[error("bad training setting {field}: {reason}")]
+    BadConfig { field: &'static str, reason: String },
+    #[error("no example has a token to learn")]
+    NothingToLearn,
+    #[error("the loss became {0} at step {1}: lower the learning rate")]
+    Diverged(f64, usize),
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |field, reason: String| Err(TrainError::BadConfig { field, reason });
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return bad(
+                "learning_rate",
+                format!("{} is not a positive number", self.learning_rate),
+            );
+        }
+        if self.epochs == 0 {
+            return bad("epochs", "must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size", "must be at least 1".into());
+        }
+        if self.grad_accum == 0 {
+            return bad("grad_accum", "must be at least 1".into());
+        }
+        if self.max_grad_norm.is_nan() || self.max_grad_norm <= 0.0 {
+            return bad(
+                "max_grad_norm",
+                format!("{} is not positive", self.max_grad_norm),
+            );
+        }
+        Ok(())
+    }
+
+    /// Optimizer steps for `examples` examples.
+    pub fn total_steps(&self, examples: usize) -> usize {
+        let per_epoch = examples.div_ceil(self.batch_size * self.grad_accum).max(1);
+        let all = per_epoch * self.epochs;
+        self.max_steps.map_or(all, |m| m.min(all))
+    }
+
+    /// The learning rate at optimizer step `step` (0-based) of `total`.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.learning_rate * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
+        let t = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        match self.schedule {
+            Schedule::Constant => self.learning_rate,
+            Schedule::Linear => self.learning_rate * (1.0 - t),
+            Schedule::Cosine => self.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()),
+        }
+    }
+}
+
+/// Mean negative log-likelihood of `batch`'s weighted targets under `model` (a scalar tensor).
+pub fn masked_loss(model: &Llama, batch: &Batch, device: &Device) -> Tensor<1> {
+    let inputs: Vec<i64> = batch.inputs.iter().map(|t| i64::from(*t)).collect();
+    let targets: Vec<i64> = batch.targets.iter().map(|t| i64::from(*t)).collect();
+    let (b, t) = (batch.batch, batch.len);
+    let inputs = Tensor::<2, Int>::from_data(TensorData::new(inputs, [b, t]), device);
+    let targets = Tensor::<3, Int>::from_data(TensorData::new(targets, [b, t, 1]), device);
+    let weights = Tensor::<2>::from_data(
+        TensorData::new(batch.weights.clone(), [b, t]),
+        (device, DType::F32),
+    );
+    let count = batch.weights.iter().sum::<f32>().max(1.0);
+    // A sequence longer than the context is a caller error; the batcher cuts to the context.
+    let logits = match model.forward(inputs, None) {
+        Ok(l) => l,
+        Err(e) => panic!("masked_loss: {e}"),
+    };
+    let logp = log_softmax(logits, 2).gather(2, targets).reshape([b, t]);
+    (logp * weights).sum().neg().div_scalar(count)
+}
+
+/// Trains the adapters of `model` (on an autodiff device) on `examples`; `on_step` sees every
+/// optimizer step. Returns the trained model.
+pub fn train(
+    mut model: Llama,
+    examples: &[Example],
+    cfg: &TrainConfig,
+    pad: u32,
+    mut on_step: impl FnMut(&StepEvent),
+) -> Result<Llama, TrainError> {
+    cfg.validate()?;
+    let usable: Vec<&Example> = examples.iter().filter(|e| e.target_count() > 0).collect();
+    if usable.is_empty() {
+        return Err(TrainError::NothingToLearn);
+    }
+    let device = model.device();
+    let total = cfg.total_steps(usable.len());
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(cfg.weight_decay)
+        .with_epsilon(1e-8)
+        .init();
+    let mut rng = SplitMix64::new(cfg.seed);
+    let mut step = 0;
+    'epochs: for epoch in 0..cfg.epochs {
+        let mut order: Vec<usize> = (0..usable.len()).collect();
+        for i in (1..order.len()).rev() {
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+            order.swap(i, j);
+        }
+        for group in order.chunks(cfg.batch_size * cfg.grad_accum) {
+            if step >= total {
+                break 'epochs;
+            }
+            let started = Instant::now();
+            let micro: Vec<&[usize]> = group.chunks(cfg.batch_size).collect();
+            let mut summed: Option<GradientsParams> = None;
+            let (mut loss_sum, mut targets, mut tokens) = (0f64, 0usize, 0usize);
+            for m in &micro {
+                let exs: Vec<&Example> = m.iter().map(|i| usable[*i]).collect();
+                let batch = Batch::pad(&exs, pad);
+                targets += batch.target_tokens();
+                tokens += exs
+                    .iter()
+                    .map(|e| e.tokens.len().saturating_sub(1))
+                    .sum::<usize>();
+                let loss = masked_loss(&model, &batch, &device).div_scalar(micro.len() as f64);
+                loss_sum += loss.clone().into_scalar::<f32>() as f64;
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                summed = Some(match summed {
+                    None => grads,
+                    Some(acc) => add_grads(acc, grads, &model),
+                });
+            }
+            if !loss_sum.is_finite() {
+                return Err(TrainError::Diverged(loss_sum, step));
+            }
+            let mut grads = summed.unwrap_or_default();
+            let norm = clip_global_norm(&mut grads, &model, cfg.max_grad_norm);
+            let lr = cfg.lr_at(step, total);
+            model = optim.step(lr, model, grads);
+            step += 1;
+            on_step(&StepEvent {
+                step,
+                total_steps: total,
+                epoch,
+                loss: loss_sum,
+                learning_rate: lr,
+                grad_norm: norm,
+                target_tokens: targets,
+                tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64(),
+            });
+        }
+    }
+    Ok(model)
+}
+
+/// The trainable parameters' ids (every adapter's `A` and `B`).
+fn adapter_params(model: &Llama) -> Vec<(burn::module::ParamId, [usize; 2])> {
+    let mut ids = Vec::new();
+    for block in model.layers() {
+        for p in Proj::ALL {
+            if let Some(ad) = block.projection(p).adapter() {
+                ids.push((ad.a.id, ad.a.val().dims()));
+                ids.push((ad.b.id, ad.b.val().dims()));
+            }
+        }
+    }
+    ids
+}
+
+fn add_grads(
+    mut acc: GradientsParams,
+    mut more: GradientsParams,
+    model: &Llama,
+) -> GradientsParams {
+    for (id, _) in adapter_params(model) {
+        match (acc.remove::<2>(id), more.remove::<2>(id)) {
+            (Some(a), Some(b)) => acc.register(id, a + b),
+            (Some(a), None) | (None, Some(a)) => acc.register(id, a),
+            (None, None) => {}
+        }
+    }
+    acc
+}
+
+/// Scales all gradients so that their global L2 norm is at most `max`; returns the norm before.
+fn clip_global_norm(grads: &mut GradientsParams, model: &Llama, max: f64) -> f64 {
+    let params = adapter_params(model);
+    let mut sq = 0f64;
+    for (id, _) in &params {
+        if let Some(g) = grads.get::<2>(*id) {
+            sq += (g.clone() * g).sum().into_scalar::<f32>() as f64;
+        }
+    }
+    let norm = sq.sqrt();
+    if norm > max && norm.is_finite() {
+        let scale = max / (norm + 1e-6);
+        for (id, _) in &params {
+            if let Some(g) = grads.remove::<2>(*id) {
+                grads.register(*id, g.mul_scalar(scale));
+            }
+        }
+    }
+    norm
+}

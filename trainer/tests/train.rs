@@ -1,0 +1,278 @@
+//! LoRA training on a generated tiny model: gradients against finite differences, the masked loss
+//! going down, PEFT save/load round trips, determinism.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use cohort_trainer::adapter::{AdapterWeights, LoraSpec, attach};
+use cohort_trainer::data::{Batch, Record, Schema, parse_record, tokenize};
+use cohort_trainer::gguf::{GgmlType, GgufFile};
+use cohort_trainer::model::Llama;
+use cohort_trainer::model::weights::Proj;
+use cohort_trainer::tokenizer::{ChatTemplate, Tokenizer};
+use cohort_trainer::train::{Schedule, TrainConfig, masked_loss, train};
+use common::{TOKENIZER_VOCAB, Tiny, temp_gguf, tiny_model_with_tokenizer};
+
+struct Fx {
+    _dir: tempfile::TempDir,
+    file: GgufFile,
+}
+
+fn fixture() -> Fx {
+    let mut t = Tiny::new(GgmlType::F32);
+    t.vocab = TOKENIZER_VOCAB;
+    t.ctx = 128;
+    let (bytes, _) = tiny_model_with_tokenizer(&t);
+    let (dir, path) = temp_gguf(&bytes);
+    Fx {
+        _dir: dir,
+        file: GgufFile::open(path).unwrap(),
+    }
+}
+
+fn records() -> Vec<Record> {
+    [
+        r#"{"messages":[{"role":"user","content":"the tin"},{"role":"assistant","content":"an inn"}]}"#,
+        r#"{"messages":[{"role":"user","content":"then"},{"role":"assistant","content":"an inn"}]}"#,
+        r#"{"instruction":"tin","input":"","output":"an inn"}"#,
+        r#"{"messages":[{"role":"system","content":"be brief"},{"role":"user","content":"in"},{"role":"assistant","content":"an inn"}]}"#,
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, line)| {
+        let schema = if line.contains("instruction") { Schema::Alpaca } else { Schema::Chat };
+        parse_record(schema, line, i + 1).unwrap()
+    })
+    .collect()
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() {
+    let fx = fixture();
+    let device = Device::flex().autodiff();
+    let mut model = Llama::from_gguf(&fx.file, &device).unwrap();
+    let spec = LoraSpec {
+        rank: 2,
+        alpha: 2.0,
+        targets: vec!["q_proj".into(), "down_proj".into()],
+        seed: 3,
+        ..LoraSpec::default()
+    };
+    attach(&mut model, &spec).unwrap();
+    // Non-zero B everywhere, so that A has a gradient too.
+    let mut weights = AdapterWeights::from_model(&model, &spec);
+    for (i, f) in weights.factors.values_mut().enumerate() {
+        for (j, b) in f.b.iter_mut().enumerate() {
+            *b = ((i * 31 + j * 7) % 13) as f32 / 13.0 - 0.5;
+        }
+    }
+    weights.apply(&mut model).unwrap();
+    let tok = Tokenizer::from_gguf(&fx.file).unwrap();
+    let tpl = ChatTemplate::from_gguf(&fx.file).unwrap();
+    let ex: Vec<_> = records()
+        .iter()
+        .map(|r| tokenize(r, &tok, &tpl, 64).unwrap())
+        .collect();
+    let batch = Batch::pad(&ex.iter().collect::<Vec<_>>(), 0);
+    let loss = masked_loss(&model, &batch, &device);
+    let grads = loss.backward();
+    let plain = Device::flex();
+    let loss_with = |w: &AdapterWeights| -> f64 {
+        let mut m = Llama::from_gguf(&fx.file, &plain).unwrap();
+        w.apply(&mut m).unwrap();
+        masked_loss(&m, &batch, &plain).into_scalar::<f32>() as f64
+    };
+    let layer0 = model.layers()[0].projection(Proj::Q).adapter().unwrap();
+    let layer1 = model.layers()[1].projection(Proj::Down).adapter().unwrap();
+    let checks = [
+        (0usize, Proj::Q, 'a', layer0.a.val().grad(&grads).unwrap()),
+        (1, Proj::Down, 'b', layer1.b.val().grad(&grads).unwrap()),
+    ];
+    for (layer, proj, which, grad) in checks {
+        let grad: Vec<f32> = grad
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap();
+        for idx in [0usize, 5, 17, grad.len() - 1] {
+            let eps = 3e-3f32;
+            let key = (layer, Proj::ALL.iter().position(|p| *p == proj).unwrap());
+            let bumped = |delta: f32| {
+                let mut w = weights.clone();
+                let f = w.factors.get_mut(&key).unwrap();
+                if which == 'a' {
+                    f.a[idx] += delta;
+                } else {
+                    f.b[idx] += delta;
+                }
+                w
+            };
+            let (plus, minus) = (bumped(eps), bumped(-eps));
+            let numeric = (loss_with(&plus) - loss_with(&minus)) / (2.0 * eps as f64);
+            let analytic = grad[idx] as f64;
+            let tol = 2e-3 + 2e-2 * numeric.abs().max(analytic.abs());
+            assert!(
+                (numeric - analytic).abs() < tol,
+                "layer {layer} {proj:?}.{which}[{idx}]: autodiff {analytic:e}, finite difference {numeric:e}"
+            );
+        }
+    }
+}
+
+fn trained(fx: &Fx, seed: u64, steps: usize) -> (Vec<f64>, AdapterWeights) {
+    let device = Device::flex().autodiff();
+    let mut model = Llama::from_gguf(&fx.file, &device).unwrap();
+    let spec = LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        seed,
+        ..LoraSpec::default()
+    };
+    attach(&mut model, &spec).unwrap();
+    let tok = Tokenizer::from_gguf(&fx.file).unwrap();
+    let tpl = ChatTemplate::from_gguf(&fx.file).unwrap();
+    let ex: Vec<_> = records()
+        .iter()
+        .map(|r| tokenize(r, &tok, &tpl, 64).unwrap())
+        .collect();
+    let cfg = TrainConfig {
+        learning_rate: 1e-2,
+        epochs: 100,
+        batch_size: 2,
+        grad_accum: 2,
+        warmup_steps: 2,
+        schedule: Schedule::Cosine,
+        seed,
+        max_steps: Some(steps),
+        ..TrainConfig::default()
+    };
+    let mut losses = Vec::new();
+    let model = train(model, &ex, &cfg, 0, |e| losses.push(e.loss)).unwrap();
+    (losses, AdapterWeights::from_model(&model, &spec))
+}
+
+#[test]
+fn training_drives_the_masked_loss_down_and_is_deterministic() {
+    let fx = fixture();
+    let (losses, weights) = trained(&fx, 5, 30);
+    assert_eq!(losses.len(), 30);
+    let first = losses[0];
+    let last = losses[losses.len() - 3..].iter().sum::<f64>() / 3.0;
+    eprintln!("loss {first:.3} -> {last:.3}");
+    assert!(last < first / 4.0, "loss {first} -> {last} in 30 steps");
+    let (again, weights2) = trained(&fx, 5, 30);
+    assert_eq!(losses, again, "same seed, same losses");
+    assert_eq!(weights, weights2, "same seed, same adapter bits");
+}
+
+#[test]
+fn peft_save_and_load_round_trip_and_the_adapter_changes_the_output() {
+    let fx = fixture();
+    let (_, weights) = trained(&fx, 9, 6);
+    let dir = tempfile::tempdir().unwrap();
+    weights.save_peft(dir.path(), "tiny-test").unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (cfg["peft_type"].as_str(), cfg["r"].as_u64()),
+        (Some("LORA"), Some(4))
+    );
+    let loaded = AdapterWeights::load_peft(dir.path()).unwrap();
+    assert_eq!(loaded, weights);
+    let device = Device::flex();
+    let logits = |w: Option<&AdapterWeights>| -> Vec<f32> {
+        let mut m = Llama::from_gguf(&fx.file, &device).unwrap();
+        if let Some(w) = w {
+            w.apply(&mut m).unwrap();
+        }
+        let input = Tensor::<2, burn::tensor::Int>::from_data(
+            TensorData::new(vec![40i64, 41, 42], [1, 3]),
+            &device,
+        );
+        m.forward(input, None)
+            .unwrap()
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap()
+    };
+    let (base, adapted) = (logits(None), logits(Some(&loaded)));
+    assert!(
+        base.iter().zip(&adapted).any(|(a, b)| (a - b).abs() > 1e-3),
+        "the adapter changes nothing"
+    );
+    let _ = Tensor::<1>::zeros([1], (&device, DType::F32));
+}
+
+#[test]
+fn dataset_records_are_validated_with_line_and_field() {
+    let cases = [
+        (Schema::Chat, r#"{"messages":[]}"#, "messages\" is empty"),
+        (
+            Schema::Chat,
+            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+            "last message must be the assistant",
+        ),
+        (
+            Schema::Chat,
+            r#"{"messages":[{"role":"robot","content":"hi"},{"role":"assistant","content":"x"}]}"#,
+            "messages[0].role",
+        ),
+        (
+            Schema::Chat,
+            r#"{"messages":[{"role":"user","content":" "},{"role":"assistant","content":"x"}]}"#,
+            "messages[0].content is empty",
+        ),
+        (
+            Schema::Alpaca,
+            r#"{"instruction":"x","output":""}"#,
+            "\"output\" is empty",
+        ),
+        (
+            Schema::Alpaca,
+            r#"{"instruction":"x","output":"y","extra":1}"#,
+            "unknown field",
+        ),
+        (Schema::Chat, "not json", "not a chat record"),
+    ];
+    for (schema, text, want) in cases {
+        let err = parse_record(schema, text, 7).unwrap_err();
+        assert!(err.contains(want), "{text}: {err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.jsonl");
+    std::fs::write(
+        &path,
+        "{\"instruction\":\"a\",\"output\":\"b\"}\n\n{\"instruction\":\"\",\"output\":\"b\"}\n",
+    )
+    .unwrap();
+    let err = cohort_trainer::data::read_jsonl(&path, Schema::Alpaca)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("d.jsonl:3:") && err.contains("instruction"),
+        "{err}"
+    );
+}
+
+#[test]
+fn only_assistant_tokens_are_targets() {
+    let fx = fixture();
+    let tok = Tokenizer::from_gguf(&fx.file).unwrap();
+    let tpl = ChatTemplate::from_gguf(&fx.file).unwrap();
+    let r = &records()[0];
+    let ex = tokenize(r, &tok, &tpl, 256).unwrap();
+    let target_text = tok.decode(
+        &ex.tokens
+            .iter()
+            .zip(&ex.target_mask)
+            .filter(|(_, m)| **m)
+            .map(|(t, _)| *t)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(target_text, "an inn<|im_end|>\n");
+    let all = tok.decode(&ex.tokens);
+    assert_eq!(all, tpl.render(&r.messages, false).unwrap());
+}
