@@ -276,3 +276,49 @@ fn only_assistant_tokens_are_targets() {
     let all = tok.decode(&ex.tokens);
     assert_eq!(all, tpl.render(&r.messages, false).unwrap());
 }
+
+#[test]
+fn the_cpu_engine_applies_an_adapter_like_the_burn_model() {
+    use cohort_trainer::engine::{Engine, EngineCache, Logits};
+    let fx = fixture();
+    let (_, weights) = trained(&fx, 4, 5);
+    let device = Device::flex();
+    let mut m = Llama::from_gguf(&fx.file, &device).unwrap();
+    weights.apply(&mut m).unwrap();
+    let tokens = [40u32, 41, 42, 100, 7];
+    let ids: Vec<i64> = tokens.iter().map(|t| *t as i64).collect();
+    let input =
+        Tensor::<2, burn::tensor::Int>::from_data(TensorData::new(ids, [1, tokens.len()]), &device);
+    let want: Vec<f32> = m
+        .forward(input, None)
+        .unwrap()
+        .into_data()
+        .try_into_vec::<f32>()
+        .unwrap();
+    let mut engine = Engine::from_gguf(&fx.file).unwrap();
+    let base = engine
+        .forward(&tokens, &mut EngineCache::new(), Logits::All)
+        .unwrap();
+    engine.set_adapter(Some(weights)).unwrap();
+    let got = engine
+        .forward(&tokens, &mut EngineCache::new(), Logits::All)
+        .unwrap();
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let moved = base
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        diff < 1e-3 * (1.0 + moved),
+        "engine vs burn with the adapter: {diff} (the adapter moves logits by {moved})"
+    );
+    assert!(
+        moved > 1e-2,
+        "the adapter barely changes the logits: {moved}"
+    );
+}

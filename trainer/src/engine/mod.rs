@@ -41,6 +41,8 @@ pub struct Engine {
     layers: Vec<Layer>,
     /// `inv_freq[i] = theta^(-2i/head_dim)`.
     inv_freq: Vec<f64>,
+    /// A LoRA adapter applied on the fly (never merged into the blocks).
+    adapter: Option<crate::adapter::AdapterWeights>,
 }
 
 /// Keys and values seen so far: per layer `[len, kv_heads·head_dim]`.
@@ -130,11 +132,77 @@ impl Engine {
             layers,
             inv_freq,
             config: c,
+            adapter: None,
         })
     }
 
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+
+    /// Applies a LoRA adapter from now on (`None` removes it). The base blocks are untouched:
+    /// each adapted projection adds `s·B·(A·x)` to its output.
+    pub fn set_adapter(
+        &mut self,
+        adapter: Option<crate::adapter::AdapterWeights>,
+    ) -> Result<(), crate::adapter::AdapterError> {
+        if let Some(a) = &adapter {
+            for l in 0..self.layers.len() {
+                for p in Proj::ALL {
+                    if let Some(f) = a.get(l, p) {
+                        let (rows, cols) = p.shape(&self.config);
+                        if (f.d_out, f.d_in) != (rows, cols) {
+                            return Err(crate::adapter::AdapterError::BadSpec {
+                                field: "factors",
+                                reason: format!(
+                                    "layer {l} {}: [{}, {}] factors on a [{rows}, {cols}] weight",
+                                    p.hf_name(),
+                                    f.d_out,
+                                    f.d_in
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
+            if a.factors.keys().any(|(l, _)| *l >= self.layers.len()) {
+                return Err(crate::adapter::AdapterError::BadSpec {
+                    field: "factors",
+                    reason: format!(
+                        "the adapter has layers beyond the model's {}",
+                        self.layers.len()
+                    ),
+                });
+            }
+        }
+        self.adapter = adapter;
+        Ok(())
+    }
+
+    /// `y[t] += s·B·(A·x[t])` for every token, when the adapter adapts `proj` of `layer`.
+    fn add_lora(&self, layer: usize, proj: Proj, x: &[f32], y: &mut [f32]) {
+        let Some(ad) = &self.adapter else { return };
+        let Some(f) = ad.get(layer, proj) else { return };
+        let r = ad.spec.rank;
+        let s = ad.spec.scaling();
+        let mut down = vec![0f32; r];
+        for (xt, yt) in x.chunks_exact(f.d_in).zip(y.chunks_exact_mut(f.d_out)) {
+            for (k, d) in down.iter_mut().enumerate() {
+                *d = f.a[k * f.d_in..(k + 1) * f.d_in]
+                    .iter()
+                    .zip(xt)
+                    .map(|(a, b)| a * b)
+                    .sum::<f32>()
+                    * s;
+            }
+            for (o, yo) in yt.iter_mut().enumerate() {
+                *yo += f.b[o * r..(o + 1) * r]
+                    .iter()
+                    .zip(&down)
+                    .map(|(a, b)| a * b)
+                    .sum::<f32>();
+            }
+        }
     }
 
     /// Bytes of weights held.
@@ -214,6 +282,9 @@ impl Engine {
                 kernels::matmul(&layer.k, &normed, &mut k);
                 kernels::matmul(&layer.v, &normed, &mut v);
             }
+            self.add_lora(li, Proj::Q, &normed, &mut q);
+            self.add_lora(li, Proj::K, &normed, &mut k);
+            self.add_lora(li, Proj::V, &normed, &mut v);
             for t in 0..n {
                 self.rope(
                     &mut q[t * c.num_heads * hd..(t + 1) * c.num_heads * hd],
@@ -225,6 +296,7 @@ impl Engine {
             cache.values[li].extend_from_slice(&v);
             self.attention(&q, &cache.keys[li], &cache.values[li], past, &mut attn);
             kernels::matmul(&layer.o, &attn, &mut o);
+            self.add_lora(li, Proj::O, &attn, &mut o);
             add(&mut x, &o);
             rms_norm_rows(&x, &layer.ffn_norm, eps, &mut normed);
             if n == 1 {
@@ -236,10 +308,13 @@ impl Engine {
                 kernels::matmul(&layer.gate, &normed, &mut gate);
                 kernels::matmul(&layer.up, &normed, &mut up);
             }
+            self.add_lora(li, Proj::Gate, &normed, &mut gate);
+            self.add_lora(li, Proj::Up, &normed, &mut up);
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
             kernels::matmul(&layer.down, &gate, &mut o);
+            self.add_lora(li, Proj::Down, &gate, &mut o);
             add(&mut x, &o);
         }
         cache.len = past + n;
