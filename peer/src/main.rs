@@ -51,6 +51,8 @@ enum Command {
     Chat(model_cli::ChatArgs),
     /// Perplexity of a text file under a model, as llama.cpp's perplexity tool reports it.
     Perplexity(model_cli::PerplexityArgs),
+    /// Fine-tune a LoRA adapter on JSONL files on this machine; writes a PEFT adapter.
+    Train(model_cli::TrainArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -90,6 +92,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Model { command } => model_cli::model(command)?,
         Command::Chat(args) => model_cli::chat(args)?,
         Command::Perplexity(args) => model_cli::perplexity(args)?,
+        Command::Train(args) => model_cli::train(args)?,
         Command::Bench { command } => model_cli::bench(command)?,
         Command::Init => {
             let dir = data_dir(&cli)?;

@@ -75,6 +75,9 @@ pub struct ChatArgs {
     /// Print tokens/s and peak memory to stderr after each answer.
     #[arg(long)]
     stats: bool,
+    /// A LoRA adapter directory in PEFT's format, applied on top of the base model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -93,6 +96,9 @@ pub struct PerplexityArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// A LoRA adapter directory in PEFT's format, applied on top of the base model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 /// `cohort bench ...`
@@ -119,6 +125,13 @@ pub struct BenchModelArgs {
     /// ... and the anchor script (`llama_cpp_bench.py`).
     #[arg(long, value_name = "SCRIPT")]
     anchor_script: Option<PathBuf>,
+}
+
+fn load_adapter(dir: Option<&std::path::Path>) -> anyhow::Result<Option<cohort_trainer::adapter::AdapterWeights>> {
+    Ok(match dir {
+        Some(d) => Some(cohort_trainer::adapter::AdapterWeights::load_peft(d)?),
+        None => None,
+    })
 }
 
 /// Loads a model file, naming it in errors.
@@ -214,12 +227,18 @@ pub fn chat(args: &ChatArgs) -> anyhow::Result<()> {
     let burn_model;
     let mut lm: Box<dyn CausalLm> = match args.device {
         DeviceArg::Cpu => {
-            engine = Engine::from_gguf(&file)?;
+            let mut e = Engine::from_gguf(&file)?;
+            e.set_adapter(load_adapter(args.adapter.as_deref())?)?;
+            engine = e;
             Box::new(EngineLm::new(&engine))
         }
         other => {
             let device = burn_device(other)?;
-            burn_model = Llama::from_gguf(&file, &device)?;
+            let mut m = Llama::from_gguf(&file, &device)?;
+            if let Some(a) = load_adapter(args.adapter.as_deref())? {
+                a.apply(&mut m)?;
+            }
+            burn_model = m;
             Box::new(BurnLm::new(&burn_model, device, tokenizer.vocab_size()))
         }
     };
@@ -293,7 +312,8 @@ pub fn chat(args: &ChatArgs) -> anyhow::Result<()> {
 pub fn perplexity(args: &PerplexityArgs) -> anyhow::Result<()> {
     let file = open(&args.model)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
-    let engine = Engine::from_gguf(&file)?;
+    let mut engine = Engine::from_gguf(&file)?;
+    engine.set_adapter(load_adapter(args.adapter.as_deref())?)?;
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read {} as UTF-8 text", args.file.display()))?;
     let started = Instant::now();
@@ -366,5 +386,186 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
         line["ratio_decode"] = ratio(ours.decode_tokens_per_s, "decode_tokens_per_s").into();
     }
     println!("{line}");
+    Ok(())
+}
+
+/// `cohort train`
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[arg(long, default_value = models::DEFAULT_MODEL_ID)]
+    model: String,
+    /// JSONL training files (repeatable).
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
+    /// A held-out JSONL file: its loss is measured before and after training.
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// Record schema (default: guessed from the first record: `messages` means chat).
+    #[arg(long, value_enum)]
+    schema: Option<SchemaArg>,
+    /// Where the PEFT adapter is written.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+    #[arg(long)]
+    rslora: bool,
+    /// Comma-separated projections to adapt.
+    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", value_delimiter = ',')]
+    targets: Vec<String>,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value_t = 2e-4)]
+    learning_rate: f64,
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
+    schedule: ScheduleArg,
+    /// Tokens per record (longer records are cut).
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Keep the frozen base in 4-bit blocks (not available yet).
+    #[arg(long)]
+    qlora: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SchemaArg {
+    Chat,
+    Alpaca,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScheduleArg {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+fn read_dataset(
+    files: &[PathBuf],
+    schema: Option<SchemaArg>,
+) -> anyhow::Result<Vec<cohort_trainer::data::Record>> {
+    use cohort_trainer::data::{Schema, read_jsonl};
+    let mut all = Vec::new();
+    for f in files {
+        let schema = match schema {
+            Some(SchemaArg::Chat) => Schema::Chat,
+            Some(SchemaArg::Alpaca) => Schema::Alpaca,
+            None => {
+                let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+                let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or_default();
+                if first.contains("\"messages\"") { Schema::Chat } else { Schema::Alpaca }
+            }
+        };
+        all.extend(read_jsonl(f, schema)?);
+    }
+    Ok(all)
+}
+
+fn mean_loss(
+    model: &Llama,
+    examples: &[cohort_trainer::data::Example],
+    pad: u32,
+    device: &burn::tensor::Device,
+) -> f64 {
+    let (mut nll, mut count) = (0f64, 0f64);
+    for chunk in examples.chunks(4) {
+        let batch = cohort_trainer::data::Batch::pad(&chunk.iter().collect::<Vec<_>>(), pad);
+        let n = batch.target_tokens() as f64;
+        if n == 0.0 {
+            continue;
+        }
+        let loss = cohort_trainer::train::masked_loss(model, &batch, device).into_scalar::<f32>() as f64;
+        nll += loss * n;
+        count += n;
+    }
+    nll / count.max(1.0)
+}
+
+pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
+    use cohort_trainer::adapter::{AdapterWeights, LoraSpec, attach};
+    use cohort_trainer::train::{Schedule, TrainConfig};
+    anyhow::ensure!(
+        !args.qlora,
+        "--qlora is not available yet: the 4-bit frozen base is the next step of the trainer; train without it"
+    );
+    let file = open(&args.model)?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let template = ChatTemplate::from_gguf(&file)?;
+    let spec = LoraSpec { rank: args.rank, alpha: args.alpha, rslora: args.rslora, targets: args.targets.clone(), seed: args.seed };
+    spec.validate()?;
+    let cfg = TrainConfig {
+        learning_rate: args.learning_rate,
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        warmup_steps: args.warmup_steps,
+        schedule: match args.schedule {
+            ScheduleArg::Cosine => Schedule::Cosine,
+            ScheduleArg::Linear => Schedule::Linear,
+            ScheduleArg::Constant => Schedule::Constant,
+        },
+        seed: args.seed,
+        max_steps: args.max_steps,
+        ..TrainConfig::default()
+    };
+    cfg.validate()?;
+    let tokenize = |records: &[cohort_trainer::data::Record]| -> anyhow::Result<Vec<cohort_trainer::data::Example>> {
+        Ok(records
+            .iter()
+            .map(|r| cohort_trainer::data::tokenize(r, &tokenizer, &template, args.seq_len))
+            .collect::<Result<_, _>>()?)
+    };
+    let train_set = tokenize(&read_dataset(&args.data, args.schema)?)?;
+    let eval_set = match &args.eval {
+        Some(f) => Some(tokenize(&read_dataset(std::slice::from_ref(f), args.schema)?)?),
+        None => None,
+    };
+    let cut = train_set.iter().filter(|e| e.truncated).count();
+    eprintln!(
+        "{} records, {} target tokens ({} cut to {} tokens); {} optimizer steps",
+        train_set.len(),
+        train_set.iter().map(|e| e.target_count()).sum::<usize>(),
+        cut,
+        args.seq_len,
+        cfg.total_steps(train_set.len())
+    );
+    let pad = tokenizer.pad().or(tokenizer.eos()).unwrap_or(0);
+    let device = burn::tensor::Device::flex().autodiff();
+    let mut model = Llama::from_gguf(&file, &device)?;
+    attach(&mut model, &spec)?;
+    let eval_before = eval_set.as_ref().map(|e| mean_loss(&model, e, pad, &device));
+    if let Some(l) = eval_before {
+        eprintln!("held-out loss before: {l:.4}");
+    }
+    let started = Instant::now();
+    let model = cohort_trainer::train::train(model, &train_set, &cfg, pad, |e| {
+        eprintln!(
+            "step {:>4}/{} epoch {} loss {:.4} lr {:.2e} grad-norm {:.3} {:.0} tokens/s",
+            e.step, e.total_steps, e.epoch + 1, e.loss, e.learning_rate, e.grad_norm, e.tokens_per_s
+        );
+    })?;
+    let weights = AdapterWeights::from_model(&model, &spec);
+    weights.save_peft(&args.out, "HuggingFaceTB/SmolLM2-135M-Instruct")?;
+    let eval_after = eval_set.as_ref().map(|e| mean_loss(&model, e, pad, &device));
+    let summary = serde_json::json!({
+        "adapter": args.out,
+        "seconds": started.elapsed().as_secs_f64(),
+        "eval_loss_before": eval_before,
+        "eval_loss_after": eval_after,
+        "peak_rss_mb": peak_rss().map(|b| b / 1_000_000),
+    });
+    println!("{summary}");
     Ok(())
 }
