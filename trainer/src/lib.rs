@@ -27,6 +27,7 @@ pub mod engine;
 pub mod generate;
 pub mod gguf;
 pub mod lora;
+pub mod merge;
 pub mod model;
 pub mod models;
 pub mod perplexity;
