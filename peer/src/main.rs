@@ -53,6 +53,11 @@ enum Command {
     Perplexity(model_cli::PerplexityArgs),
     /// Fine-tune a LoRA adapter on JSONL files on this machine; writes a PEFT adapter.
     Train(model_cli::TrainArgs),
+    /// LoRA adapters: merge several, or merge one into the base model.
+    Adapter {
+        #[command(subcommand)]
+        command: model_cli::AdapterCommand,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -93,6 +98,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat(args) => model_cli::chat(args)?,
         Command::Perplexity(args) => model_cli::perplexity(args)?,
         Command::Train(args) => model_cli::train(args)?,
+        Command::Adapter { command } => model_cli::adapter(command)?,
         Command::Bench { command } => model_cli::bench(command)?,
         Command::Init => {
             let dir = data_dir(&cli)?;

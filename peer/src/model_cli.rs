@@ -127,7 +127,9 @@ pub struct BenchModelArgs {
     anchor_script: Option<PathBuf>,
 }
 
-fn load_adapter(dir: Option<&std::path::Path>) -> anyhow::Result<Option<cohort_trainer::adapter::AdapterWeights>> {
+fn load_adapter(
+    dir: Option<&std::path::Path>,
+) -> anyhow::Result<Option<cohort_trainer::adapter::AdapterWeights>> {
     Ok(match dir {
         Some(d) => Some(cohort_trainer::adapter::AdapterWeights::load_peft(d)?),
         None => None,
@@ -413,7 +415,11 @@ pub struct TrainArgs {
     #[arg(long)]
     rslora: bool,
     /// Comma-separated projections to adapt.
-    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        value_delimiter = ','
+    )]
     targets: Vec<String>,
     #[arg(long, default_value_t = 1)]
     epochs: usize,
@@ -463,9 +469,17 @@ fn read_dataset(
             Some(SchemaArg::Chat) => Schema::Chat,
             Some(SchemaArg::Alpaca) => Schema::Alpaca,
             None => {
-                let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
-                let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or_default();
-                if first.contains("\"messages\"") { Schema::Chat } else { Schema::Alpaca }
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?;
+                let first = text
+                    .lines()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or_default();
+                if first.contains("\"messages\"") {
+                    Schema::Chat
+                } else {
+                    Schema::Alpaca
+                }
             }
         };
         all.extend(read_jsonl(f, schema)?);
@@ -486,7 +500,8 @@ fn mean_loss(
         if n == 0.0 {
             continue;
         }
-        let loss = cohort_trainer::train::masked_loss(model, &batch, device).into_scalar::<f32>() as f64;
+        let loss =
+            cohort_trainer::train::masked_loss(model, &batch, device).into_scalar::<f32>() as f64;
         nll += loss * n;
         count += n;
     }
@@ -503,7 +518,13 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     let file = open(&args.model)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let template = ChatTemplate::from_gguf(&file)?;
-    let spec = LoraSpec { rank: args.rank, alpha: args.alpha, rslora: args.rslora, targets: args.targets.clone(), seed: args.seed };
+    let spec = LoraSpec {
+        rank: args.rank,
+        alpha: args.alpha,
+        rslora: args.rslora,
+        targets: args.targets.clone(),
+        seed: args.seed,
+    };
     spec.validate()?;
     let cfg = TrainConfig {
         learning_rate: args.learning_rate,
@@ -529,7 +550,10 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     };
     let train_set = tokenize(&read_dataset(&args.data, args.schema)?)?;
     let eval_set = match &args.eval {
-        Some(f) => Some(tokenize(&read_dataset(std::slice::from_ref(f), args.schema)?)?),
+        Some(f) => Some(tokenize(&read_dataset(
+            std::slice::from_ref(f),
+            args.schema,
+        )?)?),
         None => None,
     };
     let cut = train_set.iter().filter(|e| e.truncated).count();
@@ -545,7 +569,9 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     let device = burn::tensor::Device::flex().autodiff();
     let mut model = Llama::from_gguf(&file, &device)?;
     attach(&mut model, &spec)?;
-    let eval_before = eval_set.as_ref().map(|e| mean_loss(&model, e, pad, &device));
+    let eval_before = eval_set
+        .as_ref()
+        .map(|e| mean_loss(&model, e, pad, &device));
     if let Some(l) = eval_before {
         eprintln!("held-out loss before: {l:.4}");
     }
@@ -553,12 +579,20 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     let model = cohort_trainer::train::train(model, &train_set, &cfg, pad, |e| {
         eprintln!(
             "step {:>4}/{} epoch {} loss {:.4} lr {:.2e} grad-norm {:.3} {:.0} tokens/s",
-            e.step, e.total_steps, e.epoch + 1, e.loss, e.learning_rate, e.grad_norm, e.tokens_per_s
+            e.step,
+            e.total_steps,
+            e.epoch + 1,
+            e.loss,
+            e.learning_rate,
+            e.grad_norm,
+            e.tokens_per_s
         );
     })?;
     let weights = AdapterWeights::from_model(&model, &spec);
     weights.save_peft(&args.out, "HuggingFaceTB/SmolLM2-135M-Instruct")?;
-    let eval_after = eval_set.as_ref().map(|e| mean_loss(&model, e, pad, &device));
+    let eval_after = eval_set
+        .as_ref()
+        .map(|e| mean_loss(&model, e, pad, &device));
     let summary = serde_json::json!({
         "adapter": args.out,
         "seconds": started.elapsed().as_secs_f64(),
@@ -568,4 +602,104 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     });
     println!("{summary}");
     Ok(())
+}
+
+/// `cohort adapter ...`
+#[derive(Debug, Subcommand)]
+pub enum AdapterCommand {
+    /// Merge adapters trained on the same base into one (weights default to equal).
+    Merge {
+        /// Adapter directories (PEFT format).
+        #[arg(required = true)]
+        adapters: Vec<PathBuf>,
+        /// One weight per adapter (e.g. tokens trained), normalised to sum 1.
+        #[arg(long, value_delimiter = ',')]
+        weights: Vec<f64>,
+        #[arg(long, value_enum, default_value_t = MergeArg::ExactTruncated)]
+        method: MergeArg,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a new GGUF model with an adapter merged into the base weights.
+    MergeIntoBase {
+        #[arg(long, default_value = models::DEFAULT_MODEL_ID)]
+        model: String,
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The merged projections' type (the others are copied as they are).
+        #[arg(long, value_enum, default_value_t = DtypeArg::F16)]
+        dtype: DtypeArg,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MergeArg {
+    ExactTruncated,
+    ExactFullRank,
+    Ffa,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    F16,
+    F32,
+}
+
+pub fn adapter(cmd: &AdapterCommand) -> anyhow::Result<()> {
+    use cohort_trainer::adapter::{AdapterWeights, MergeMethod, merge_adapters, merge_into_base};
+    match cmd {
+        AdapterCommand::Merge {
+            adapters,
+            weights,
+            method,
+            out,
+        } => {
+            anyhow::ensure!(
+                weights.is_empty() || weights.len() == adapters.len(),
+                "--weights has {} values for {} adapters",
+                weights.len(),
+                adapters.len()
+            );
+            let loaded: Vec<AdapterWeights> = adapters
+                .iter()
+                .map(|d| AdapterWeights::load_peft(d))
+                .collect::<Result<_, _>>()?;
+            let parts: Vec<(f64, &AdapterWeights)> = loaded
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (weights.get(i).copied().unwrap_or(1.0), a))
+                .collect();
+            let method = match method {
+                MergeArg::ExactTruncated => MergeMethod::ExactTruncated,
+                MergeArg::ExactFullRank => MergeMethod::ExactFullRank,
+                MergeArg::Ffa => MergeMethod::Ffa,
+            };
+            let (merged, errors) = merge_adapters(&parts, method)?;
+            merged.save_peft(out, "HuggingFaceTB/SmolLM2-135M-Instruct")?;
+            let worst = errors.values().copied().fold(0f64, f64::max);
+            println!(
+                "{}",
+                serde_json::json!({"out": out, "rank": merged.spec.rank, "projections": errors.len(), "max_relative_error": worst})
+            );
+            Ok(())
+        }
+        AdapterCommand::MergeIntoBase {
+            model,
+            adapter,
+            dtype,
+            out,
+        } => {
+            let file = open(model)?;
+            let weights = AdapterWeights::load_peft(adapter)?;
+            let ty = match dtype {
+                DtypeArg::F16 => cohort_trainer::gguf::GgmlType::F16,
+                DtypeArg::F32 => cohort_trainer::gguf::GgmlType::F32,
+            };
+            merge_into_base(&file, &weights, ty, out)?;
+            eprintln!("wrote {}", out.display());
+            Ok(())
+        }
+    }
 }

@@ -425,3 +425,188 @@ fn parse_peft_name(name: &str) -> Option<(usize, Proj, char)> {
     };
     Some((layer, proj, which))
 }
+
+/// How [`merge_adapters`] combines adapters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeMethod {
+    /// The exact weighted sum, re-factored to the adapters' rank (best rank-r approximation).
+    ExactTruncated,
+    /// The exact weighted sum at rank `k·r`.
+    ExactFullRank,
+    /// Average of the `B`s over a shared, frozen `A` (exact by construction).
+    Ffa,
+}
+
+/// Merges adapters trained on the same base with weights `p_i` (normalised here to sum 1) into
+/// one adapter with the same scaling. Returns it and, per projection, the merge's relative
+/// Frobenius error (zero for the exact methods at full rank and for FFA).
+#[allow(clippy::type_complexity)]
+pub fn merge_adapters(
+    parts: &[(f64, &AdapterWeights)],
+    method: MergeMethod,
+) -> Result<(AdapterWeights, BTreeMap<(usize, usize), f64>), AdapterError> {
+    use crate::merge::{LowRank, exact, ffa};
+    let bad = |reason: String| AdapterError::BadSpec {
+        field: "merge",
+        reason,
+    };
+    let (_, first) = parts
+        .first()
+        .ok_or_else(|| bad("nothing to merge".into()))?;
+    let total: f64 = parts.iter().map(|(w, _)| *w).sum();
+    if !(total.is_finite() && total > 0.0) {
+        return Err(bad("weights must be positive".into()));
+    }
+    let s = first.spec.scaling() as f64;
+    for (_, a) in parts {
+        if a.factors.keys().ne(first.factors.keys())
+            || (a.spec.scaling() as f64 - s).abs() > 1e-12 * s.abs()
+        {
+            return Err(bad(
+                "adapters adapt different projections or use different scalings".into(),
+            ));
+        }
+    }
+    let mut factors = BTreeMap::new();
+    let mut errors = BTreeMap::new();
+    let mut out_rank = first.spec.rank;
+    for key in first.factors.keys() {
+        let lows: Vec<LowRank> = parts
+            .iter()
+            .map(|(_, a)| {
+                let f = &a.factors[key];
+                LowRank::new(
+                    f.d_out,
+                    f.d_in,
+                    a.spec.rank,
+                    f.b.iter().map(|x| *x as f64).collect(),
+                    f.a.iter().map(|x| *x as f64).collect(),
+                )
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        let weighted: Vec<(f64, &LowRank)> = parts
+            .iter()
+            .zip(&lows)
+            .map(|((w, _), l)| (w / total, l))
+            .collect();
+        let (merged, err) = match method {
+            MergeMethod::Ffa => (ffa(&weighted).map_err(|e| bad(e.to_string()))?, 0.0),
+            MergeMethod::ExactTruncated | MergeMethod::ExactFullRank => {
+                let rank = (method == MergeMethod::ExactTruncated).then_some(first.spec.rank);
+                let (m, report) = exact(&weighted, rank).map_err(|e| bad(e.to_string()))?;
+                (m, report.relative_error)
+            }
+        };
+        // A full-rank merge may find fewer singular values than k·r on a small projection: pad
+        // with zero columns so every projection shares the rank.
+        out_rank = match method {
+            MergeMethod::ExactFullRank => first.spec.rank * parts.len(),
+            _ => first.spec.rank,
+        };
+        let (d, n, r) = (merged.d, merged.n, merged.r);
+        let mut b = vec![0f32; d * out_rank];
+        let mut a = vec![0f32; out_rank * n];
+        for i in 0..d {
+            for t in 0..r.min(out_rank) {
+                b[i * out_rank + t] = merged.b[i * r + t] as f32;
+            }
+        }
+        for t in 0..r.min(out_rank) {
+            for j in 0..n {
+                a[t * n + j] = merged.a[t * n + j] as f32;
+            }
+        }
+        factors.insert(
+            *key,
+            Factors {
+                a,
+                b,
+                d_in: n,
+                d_out: d,
+            },
+        );
+        errors.insert(*key, err);
+    }
+    // Keep the scaling: alpha / rank must stay s (rsLoRA: alpha / sqrt(rank)).
+    let mut spec = first.spec.clone();
+    spec.rank = out_rank;
+    spec.alpha = if spec.rslora {
+        (s * (out_rank as f64).sqrt()) as f32
+    } else {
+        (s * out_rank as f64) as f32
+    };
+    // B was stored with the scaling outside; the merged product is Σ p B A, so scaling stays s.
+    Ok((AdapterWeights { spec, factors }, errors))
+}
+
+/// Writes a new GGUF file: the base model with `adapter` merged into its adapted projections
+/// (`W + s·B·A`, stored as `dtype`, F32 or F16: the merged weights are not re-quantized to 4 bits),
+/// every other tensor and all metadata copied unchanged. The result runs without the adapter.
+pub fn merge_into_base(
+    base: &crate::gguf::GgufFile,
+    adapter: &AdapterWeights,
+    dtype: crate::gguf::GgmlType,
+    out: &Path,
+) -> Result<(), AdapterError> {
+    use crate::gguf::{GgmlType, Value, quant};
+    use crate::model::weights::permute_rows;
+    let bad = |reason: String| AdapterError::BadSpec {
+        field: "merge-into-base",
+        reason,
+    };
+    if !matches!(dtype, GgmlType::F32 | GgmlType::F16) {
+        return Err(bad(format!(
+            "merged weights are written as F32 or F16, not {dtype}"
+        )));
+    }
+    let w = crate::model::Weights::gguf(base).map_err(|e| bad(e.to_string()))?;
+    let c = w.config().clone();
+    let s = adapter.spec.scaling();
+    let mut writer = crate::gguf::write::GgufWriter::new();
+    for (k, v) in base.metadata() {
+        writer.metadata(k.clone(), v.clone());
+    }
+    writer.metadata(
+        "cohort.merged_adapter.rank",
+        Value::U32(adapter.spec.rank as u32),
+    );
+    for info in base.tensors() {
+        let hit = (0..c.num_layers)
+            .flat_map(|l| Proj::ALL.map(|p| (l, p)))
+            .find(|(l, p)| p.gguf_name(*l) == info.name);
+        match hit.and_then(|(l, p)| adapter.get(l, p).map(|f| (l, p, f))) {
+            Some((l, p, f)) => {
+                let m = w.projection(l, p).map_err(|e| bad(e.to_string()))?;
+                let mut values = m.to_f32();
+                let r = adapter.spec.rank;
+                for i in 0..m.rows {
+                    for j in 0..m.cols {
+                        let mut acc = 0f32;
+                        for t in 0..r {
+                            acc += f.b[i * r + t] * f.a[t * m.cols + j];
+                        }
+                        values[i * m.cols + j] += s * acc;
+                    }
+                }
+                let mut bytes = Vec::new();
+                quant::quantize(dtype, &values, &mut bytes);
+                if let Some(heads) = p.permuted_heads(&c) {
+                    bytes = permute_rows(&bytes, heads, c.head_dim, bytes.len() / m.rows);
+                }
+                writer.tensor_raw(info.name.clone(), &info.dims, dtype, bytes);
+            }
+            None => {
+                let (_, bytes) = base
+                    .tensor_bytes(&info.name)
+                    .map_err(|e| bad(e.to_string()))?;
+                writer.tensor_raw(info.name.clone(), &info.dims, info.ty, bytes.to_vec());
+            }
+        }
+    }
+    writer.write(out).map_err(|source| AdapterError::Io {
+        path: out.to_path_buf(),
+        source,
+    })
+}

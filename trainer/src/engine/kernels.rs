@@ -325,7 +325,57 @@ mod avx512 {
 
     /// Types with a hand-written dot product here.
     pub(super) fn supports(ty: GgmlType) -> bool {
-        matches!(ty, GgmlType::Q4_1 | GgmlType::Q4_0 | GgmlType::Q8_0)
+        matches!(
+            ty,
+            GgmlType::Q4_1 | GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::F16 | GgmlType::F32
+        )
+    }
+
+    /// A row of f16 (`F16`) or f32 (`F32`) values times `x`, 16 lanes at a time, two accumulators.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn dot_float<const HALF: bool>(row: &[u8], x: &[f32]) -> f32 {
+        let size = if HALF { 2 } else { 4 };
+        let n = row.len() / size;
+        assert!(row.len() == n * size && x.len() >= n);
+        let (rp, xp) = (row.as_ptr(), x.as_ptr());
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut i = 0;
+        macro_rules! load {
+            ($at:expr) => {
+                // SAFETY: $at + 16 <= n: the 16 values lie inside `row` and inside `x`.
+                unsafe {
+                    let w = if HALF {
+                        _mm512_cvtph_ps(_mm256_loadu_si256(rp.add($at * 2).cast()))
+                    } else {
+                        _mm512_loadu_ps(rp.add($at * 4).cast())
+                    };
+                    (w, _mm512_loadu_ps(xp.add($at)))
+                }
+            };
+        }
+        while i + 32 <= n {
+            let (w0, x0) = load!(i);
+            let (w1, x1) = load!(i + 16);
+            acc0 = _mm512_fmadd_ps(w0, x0, acc0);
+            acc1 = _mm512_fmadd_ps(w1, x1, acc1);
+            i += 32;
+        }
+        while i + 16 <= n {
+            let (w0, x0) = load!(i);
+            acc0 = _mm512_fmadd_ps(w0, x0, acc0);
+            i += 16;
+        }
+        let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        while i < n {
+            let w = if HALF {
+                half::f16::from_le_bytes([row[2 * i], row[2 * i + 1]]).to_f32()
+            } else {
+                f32::from_le_bytes([row[4 * i], row[4 * i + 1], row[4 * i + 2], row[4 * i + 3]])
+            };
+            sum = w.mul_add(x[i], sum);
+            i += 1;
+        }
+        sum
     }
 
     /// Σ over blocks of a Q4_1 (`MIN`) or Q4_0 row times `x` (f32). Two blocks per step into
@@ -437,6 +487,8 @@ mod avx512 {
             *out = match w.ty {
                 GgmlType::Q4_1 => dot_q4::<true>(row, x, xsum),
                 GgmlType::Q4_0 => dot_q4::<false>(row, x, xsum),
+                GgmlType::F16 => dot_float::<true>(row, x),
+                GgmlType::F32 => dot_float::<false>(row, x),
                 _ => dot_q8_0(row, x),
             };
         }

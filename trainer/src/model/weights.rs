@@ -279,3 +279,20 @@ impl<'a> Weights<'a> {
         self.norm("output_norm.weight", "model.norm.weight")
     }
 }
+
+/// The inverse of [`unpermute_rows`]: Hugging Face row order back to llama.cpp's interleaved one
+/// (HF row `t·head_dim/2 + i` of each head becomes GGUF row `2i + t`).
+pub fn permute_rows(data: &[u8], heads: usize, head_dim: usize, row_bytes: usize) -> Vec<u8> {
+    let half = head_dim / 2;
+    let mut out = vec![0u8; data.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for t in 0..2 {
+                let hf = (h * head_dim + t * half + i) * row_bytes;
+                let gg = (h * head_dim + 2 * i + t) * row_bytes;
+                out[gg..gg + row_bytes].copy_from_slice(&data[hf..hf + row_bytes]);
+            }
+        }
+    }
+    out
+}
