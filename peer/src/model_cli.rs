@@ -443,6 +443,13 @@ pub struct TrainArgs {
     /// Keep the frozen base in 4-bit blocks (not available yet).
     #[arg(long)]
     qlora: bool,
+    /// Save a checkpoint (adapter, optimizer state, position) in OUT/checkpoint every N steps.
+    #[arg(long, value_name = "N")]
+    checkpoint_every: Option<usize>,
+    /// Continue from OUT/checkpoint (same data and settings) to the same result as an
+    /// uninterrupted run.
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -576,18 +583,33 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         eprintln!("held-out loss before: {l:.4}");
     }
     let started = Instant::now();
-    let model = cohort_trainer::train::train(model, &train_set, &cfg, pad, |e| {
-        eprintln!(
-            "step {:>4}/{} epoch {} loss {:.4} lr {:.2e} grad-norm {:.3} {:.0} tokens/s",
-            e.step,
-            e.total_steps,
-            e.epoch + 1,
-            e.loss,
-            e.learning_rate,
-            e.grad_norm,
-            e.tokens_per_s
-        );
-    })?;
+    let checkpointing = (args.checkpoint_every.is_some() || args.resume).then(|| {
+        cohort_trainer::train::Checkpointing {
+            dir: args.out.clone(),
+            every: args.checkpoint_every.unwrap_or(0),
+            resume: args.resume,
+            spec: spec.clone(),
+        }
+    });
+    let model = cohort_trainer::train::train_with(
+        model,
+        &train_set,
+        &cfg,
+        pad,
+        checkpointing.as_ref(),
+        |e| {
+            eprintln!(
+                "step {:>4}/{} epoch {} loss {:.4} lr {:.2e} grad-norm {:.3} {:.0} tokens/s",
+                e.step,
+                e.total_steps,
+                e.epoch + 1,
+                e.loss,
+                e.learning_rate,
+                e.grad_norm,
+                e.tokens_per_s
+            );
+        },
+    )?;
     let weights = AdapterWeights::from_model(&model, &spec);
     weights.save_peft(&args.out, "HuggingFaceTB/SmolLM2-135M-Instruct")?;
     let eval_after = eval_set

@@ -138,10 +138,17 @@ pub fn attach(model: &mut Llama, spec: &LoraSpec) -> Result<(), AdapterError> {
                 (&device, DType::F32),
             );
             let b = Tensor::<2>::zeros([d_out, spec.rank], (&device, DType::F32));
-            proj.set_adapter(a, b, scaling);
+            proj.set_adapter(a, b, scaling, param_ids(l, p));
         }
     }
     Ok(())
+}
+
+/// The parameter ids of the adapter of `proj` in block `layer`: fixed, so that an optimizer's
+/// saved state (keyed by parameter id) applies to the same factors after a restart.
+pub fn param_ids(layer: usize, proj: Proj) -> (u64, u64) {
+    let base = 0xC0_0000_0000 + ((layer * Proj::ALL.len() + proj_index(proj)) as u64) * 2;
+    (base, base + 1)
 }
 
 /// An adapter's factors as plain values, independent of any device.
@@ -240,7 +247,7 @@ impl AdapterWeights {
                 TensorData::new(f.b.clone(), [d_out, self.spec.rank]),
                 (&device, DType::F32),
             );
-            proj.set_adapter(a, b, scaling);
+            proj.set_adapter(a, b, scaling, param_ids(l, Proj::ALL[pi]));
         }
         Ok(())
     }

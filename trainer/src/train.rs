@@ -45,6 +45,30 @@ pub struct TrainConfig {
     pub max_steps: Option<usize>,
 }
 
+/// Where and how often [`train_with`] saves a checkpoint, and whether it starts from one.
+#[derive(Debug, Clone)]
+pub struct Checkpointing {
+    /// The checkpoint lives in `dir/checkpoint` (replaced atomically each time).
+    pub dir: std::path::PathBuf,
+    /// Save after every this many optimizer steps.
+    pub every: usize,
+    /// Continue from `dir/checkpoint` if it exists.
+    pub resume: bool,
+    /// The adapter layout (saved with the factors).
+    pub spec: crate::adapter::LoraSpec,
+}
+
+/// What a checkpoint records besides the adapter and the optimizer state.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct CheckpointState {
+    step: usize,
+    epoch: usize,
+    /// Optimizer-step groups of `epoch` already done.
+    group: usize,
+    config: TrainConfig,
+    examples: usize,
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
@@ -89,6 +113,11 @@ pub enum TrainError {
     NothingToLearn,
     #[error("the loss became {0} at step {1}: lower the learning rate")]
     Diverged(f64, usize),
+    #[error("checkpoint {}: {problem}", path.display())]
+    Checkpoint {
+        path: std::path::PathBuf,
+        problem: String,
+    },
 }
 
 impl TrainConfig {
@@ -164,10 +193,24 @@ pub fn masked_loss(model: &Llama, batch: &Batch, device: &Device) -> Tensor<1> {
 /// Trains the adapters of `model` (on an autodiff device) on `examples`; `on_step` sees every
 /// optimizer step. Returns the trained model.
 pub fn train(
+    model: Llama,
+    examples: &[Example],
+    cfg: &TrainConfig,
+    pad: u32,
+    on_step: impl FnMut(&StepEvent),
+) -> Result<Llama, TrainError> {
+    train_with(model, examples, cfg, pad, None, on_step)
+}
+
+/// [`train`] with checkpoints: every `ck.every` steps the adapter, the optimizer state and the
+/// position in the data are saved; with `ck.resume` a run continues from the saved checkpoint and
+/// ends with the same adapter bits as an uninterrupted run.
+pub fn train_with(
     mut model: Llama,
     examples: &[Example],
     cfg: &TrainConfig,
     pad: u32,
+    ck: Option<&Checkpointing>,
     mut on_step: impl FnMut(&StepEvent),
 ) -> Result<Llama, TrainError> {
     cfg.validate()?;
@@ -183,13 +226,45 @@ pub fn train(
         .init();
     let mut rng = SplitMix64::new(cfg.seed);
     let mut step = 0;
+    let mut resume_at: Option<(usize, usize)> = None;
+    if let Some(ck) = ck.filter(|c| c.resume) {
+        let path = ck.dir.join("checkpoint");
+        if path.join("state.json").is_file() {
+            let bad = |problem: String| TrainError::Checkpoint {
+                path: path.clone(),
+                problem,
+            };
+            let text =
+                std::fs::read_to_string(path.join("state.json")).map_err(|e| bad(e.to_string()))?;
+            let state: CheckpointState =
+                serde_json::from_str(&text).map_err(|e| bad(format!("state.json: {e}")))?;
+            if state.config != *cfg || state.examples != usable.len() {
+                return Err(bad(
+                    "it was made with other settings or other data; start a new run".into(),
+                ));
+            }
+            let weights =
+                crate::adapter::AdapterWeights::load_peft(&path).map_err(|e| bad(e.to_string()))?;
+            weights.apply(&mut model).map_err(|e| bad(e.to_string()))?;
+            optim = optim
+                .load(path.join("optimizer"))
+                .map_err(|e| bad(format!("optimizer state: {e:?}")))?;
+            step = state.step;
+            resume_at = Some((state.epoch, state.group));
+        }
+    }
     'epochs: for epoch in 0..cfg.epochs {
         let mut order: Vec<usize> = (0..usable.len()).collect();
         for i in (1..order.len()).rev() {
             let j = (rng.next_u64() % (i as u64 + 1)) as usize;
             order.swap(i, j);
         }
-        for group in order.chunks(cfg.batch_size * cfg.grad_accum) {
+        for (gi, group) in order.chunks(cfg.batch_size * cfg.grad_accum).enumerate() {
+            if let Some((e, g)) = resume_at
+                && (epoch < e || (epoch == e && gi < g))
+            {
+                continue;
+            }
             if step >= total {
                 break 'epochs;
             }
@@ -231,9 +306,55 @@ pub fn train(
                 target_tokens: targets,
                 tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64(),
             });
+            if let Some(ck) = ck
+                && ck.every > 0
+                && step % ck.every == 0
+            {
+                let state = CheckpointState {
+                    step,
+                    epoch,
+                    group: gi + 1,
+                    config: cfg.clone(),
+                    examples: usable.len(),
+                };
+                save_checkpoint(ck, &model, &optim, &state)?;
+            }
         }
     }
     Ok(model)
+}
+
+fn save_checkpoint(
+    ck: &Checkpointing,
+    model: &Llama,
+    optim: &burn::optim::ModuleOptimizer,
+    state: &CheckpointState,
+) -> Result<(), TrainError> {
+    let tmp = ck.dir.join("checkpoint.partial");
+    let bad = |problem: String| TrainError::Checkpoint {
+        path: tmp.clone(),
+        problem,
+    };
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| bad(e.to_string()))?;
+    }
+    crate::adapter::AdapterWeights::from_model(model, &ck.spec)
+        .save_peft(&tmp, "checkpoint")
+        .map_err(|e| bad(e.to_string()))?;
+    optim
+        .save(tmp.join("optimizer"))
+        .map_err(|e| bad(format!("optimizer state: {e:?}")))?;
+    let text = serde_json::to_string_pretty(state).map_err(|e| bad(e.to_string()))?;
+    std::fs::write(tmp.join("state.json"), text).map_err(|e| bad(e.to_string()))?;
+    let dest = ck.dir.join("checkpoint");
+    let old = ck.dir.join("checkpoint.old");
+    if dest.exists() {
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(&dest, &old).map_err(|e| bad(e.to_string()))?;
+    }
+    std::fs::rename(&tmp, &dest).map_err(|e| bad(e.to_string()))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
 }
 
 /// The trainable parameters' ids (every adapter's `A` and `B`).

@@ -384,3 +384,69 @@ fn merging_adapters_and_merging_into_the_base() {
         .fold(0f32, f32::max);
     assert!(diff < 1e-3, "merged model vs base + adapter: {diff}");
 }
+
+#[test]
+fn a_run_resumed_from_a_checkpoint_ends_with_the_same_bits() {
+    use cohort_trainer::train::{Checkpointing, train_with};
+    let fx = fixture();
+    let tok = Tokenizer::from_gguf(&fx.file).unwrap();
+    let tpl = ChatTemplate::from_gguf(&fx.file).unwrap();
+    let ex: Vec<_> = records()
+        .iter()
+        .map(|r| tokenize(r, &tok, &tpl, 64).unwrap())
+        .collect();
+    let spec = LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        seed: 12,
+        ..LoraSpec::default()
+    };
+    let cfg = TrainConfig {
+        learning_rate: 1e-2,
+        epochs: 4,
+        batch_size: 2,
+        warmup_steps: 1,
+        seed: 12,
+        ..TrainConfig::default()
+    };
+    let fresh = || {
+        let mut m = Llama::from_gguf(&fx.file, &Device::flex().autodiff()).unwrap();
+        attach(&mut m, &spec).unwrap();
+        m
+    };
+    let straight = train(fresh(), &ex, &cfg, 0, |_| {}).unwrap();
+    let want = AdapterWeights::from_model(&straight, &spec);
+    // The same run, checkpointing every 3 steps, killed during step 4 (a panic out of the
+    // progress callback), then resumed from the checkpoint of step 3.
+    let dir = tempfile::tempdir().unwrap();
+    let ck = Checkpointing {
+        dir: dir.path().to_path_buf(),
+        every: 3,
+        resume: true,
+        spec: spec.clone(),
+    };
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        train_with(fresh(), &ex, &cfg, 0, Some(&ck), |e| {
+            if e.step == 4 {
+                panic!("interrupted");
+            }
+        })
+    }));
+    assert!(r.is_err(), "the first run was meant to be interrupted");
+    assert!(dir.path().join("checkpoint/state.json").is_file());
+    let mut steps_after = Vec::new();
+    let resumed = train_with(fresh(), &ex, &cfg, 0, Some(&ck), |e| {
+        steps_after.push(e.step)
+    })
+    .unwrap();
+    assert_eq!(
+        steps_after.first(),
+        Some(&4),
+        "resumed after the checkpoint at step 3"
+    );
+    assert_eq!(
+        AdapterWeights::from_model(&resumed, &spec),
+        want,
+        "bit-identical to the uninterrupted run"
+    );
+}

@@ -63,13 +63,13 @@ impl Projection {
     }
 
     /// Attaches (or replaces) a LoRA update with factors `a` `[rank, in]` and `b` `[out, rank]`,
-    /// as trainable parameters on the weight's device.
-    pub fn set_adapter(&mut self, a: Tensor<2>, b: Tensor<2>, scaling: f32) {
-        self.lora = Some(Adapter {
-            a: Param::from_tensor(a),
-            b: Param::from_tensor(b),
-            scaling,
-        });
+    /// as trainable parameters on the weight's device, with the given parameter ids (stable ids
+    /// let an optimizer's saved state find its parameters again after a restart).
+    pub fn set_adapter(&mut self, a: Tensor<2>, b: Tensor<2>, scaling: f32, ids: (u64, u64)) {
+        let (mut a, mut b) = (Param::from_tensor(a), Param::from_tensor(b));
+        a.id = ParamId::from(ids.0);
+        b.id = ParamId::from(ids.1);
+        self.lora = Some(Adapter { a, b, scaling });
     }
 
     /// Removes the LoRA update.
