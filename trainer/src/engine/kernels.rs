@@ -203,11 +203,13 @@ macro_rules! versions {
     ($generic:ident, $avx512:ident, $avx2:ident, ($($arg:ident: $ty:ty),*)) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+        #[allow(clippy::too_many_arguments)]
         fn $avx512($($arg: $ty),*) {
             $generic($($arg),*)
         }
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma,f16c")]
+        #[allow(clippy::too_many_arguments)]
         fn $avx2($($arg: $ty),*) {
             $generic($($arg),*)
         }
@@ -216,6 +218,72 @@ macro_rules! versions {
 
 versions!(matvec_rows, matvec_rows_avx512, matvec_rows_avx2, (w: &RawMatrix, first: usize, x: &[f32], xsum: &[f32], y: &mut [f32]));
 versions!(matmul_rows, matmul_rows_avx512, matmul_rows_avx2, (w: &RawMatrix, first: usize, n: usize, xs: &[f32], ys: &mut [f32]));
+
+/// One query head attending over `visible` cached positions: `o = softmax(q·Kᵀ·scale)·V`, where
+/// position `j`'s key is `keys[j·stride + offset ..][..q.len()]` (values likewise).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    offset: usize,
+    visible: usize,
+    scale: f32,
+    o: &mut [f32],
+) {
+    let hd = q.len();
+    // Plain loops, no closures: a closure is not compiled with its caller's target features, and
+    // `mul_add` outside them is a library call.
+    let mut scores = vec![0f32; visible];
+    let mut max = f32::NEG_INFINITY;
+    for j in 0..visible {
+        let s = dot_f32(q, &keys[j * stride + offset..j * stride + offset + hd]) * scale;
+        scores[j] = s;
+        max = max.max(s);
+    }
+    let mut total = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        total += *s;
+    }
+    o.fill(0.0);
+    let inv = 1.0 / total;
+    for (j, s) in scores.iter().enumerate() {
+        let p = s * inv;
+        let v = &values[j * stride + offset..j * stride + offset + hd];
+        for (acc, val) in o.iter_mut().zip(v) {
+            *acc = p.mul_add(*val, *acc);
+        }
+    }
+}
+
+versions!(attend, attend_avx512, attend_avx2, (q: &[f32], keys: &[f32], values: &[f32], stride: usize, offset: usize, visible: usize, scale: f32, o: &mut [f32]));
+
+/// [`attend`] at the CPU's best level.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+pub fn attend_dispatch(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    offset: usize,
+    visible: usize,
+    scale: f32,
+    o: &mut [f32],
+) {
+    match level() {
+        // SAFETY: `level()` returns Avx512 / Avx2 only after the CPU reported those features.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe {
+            attend_avx512(q, keys, values, stride, offset, visible, scale, o)
+        },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { attend_avx2(q, keys, values, stride, offset, visible, scale, o) },
+        _ => attend(q, keys, values, stride, offset, visible, scale, o),
+    }
+}
 
 #[allow(unsafe_code)]
 fn matvec_rows_dispatch(w: &RawMatrix, first: usize, x: &[f32], xsum: &[f32], y: &mut [f32]) {

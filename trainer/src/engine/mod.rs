@@ -356,27 +356,7 @@ impl Engine {
             let (t, head) = (idx / nh, idx % nh);
             let kvh = head / group;
             let qv = &q[idx * hd..(idx + 1) * hd];
-            let visible = past + t + 1;
-            let mut scores: Vec<f32> = (0..visible)
-                .map(|j| {
-                    let kr = &keys[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
-                    qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
-                })
-                .collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut total = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                total += *s;
-            }
-            o.fill(0.0);
-            for (j, s) in scores.iter().enumerate() {
-                let p = s / total;
-                let vr = &values[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
-                for (acc, val) in o.iter_mut().zip(vr) {
-                    *acc += p * val;
-                }
-            }
+            kernels::attend_dispatch(qv, keys, values, kv_dim, kvh * hd, past + t + 1, scale, o);
         };
         // Few queries over a short context: a fork-join costs more than the work.
         if out.len() / hd * (past + out.len() / hd / nh) < 4096 {
