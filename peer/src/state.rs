@@ -1,0 +1,1056 @@
+//! The node's state actor: the one owner of the metadata [`Store`] and of the per-peer
+//! counters.
+//!
+//! Every read and change of node state runs on the actor's own thread, one at a time, in the
+//! order sent: callers hold a [`StateHandle`] and send it a closure over [`State`] through a
+//! bounded channel, and get the closure's result back on a oneshot. rocksdb calls block, so the
+//! actor runs on a blocking thread rather than on the async runtime. Each change that touches
+//! more than one key is one [`Batch`].
+//!
+//! [`State`]'s methods are plain synchronous code: the unit tests call them directly.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bincode::{Decode, Encode};
+use cohort_protocol::types::rpc::Head;
+use cohort_protocol::types::{
+    AccessPolicy, Announcement, DatanetId, Manifest, RecordSchema, ShardEntry, ShardInfo,
+    ShardSubmission, Timestamp, Verdict,
+};
+use cohort_protocol::{Canonical, ContentHash, Keypair, PeerId, Signed};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{Batch, Cf, Store, StoreError};
+
+const KEY_ANNOUNCE_SEQ: &[u8] = b"announce_seq";
+/// Announcements accepted per signer (and per forwarding peer) in one [`RATE_WINDOW`].
+pub const RATE_LIMIT: u32 = 200;
+/// The rate-limit window.
+pub const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// How far behind its newest sequence number a signer's announcement may arrive.
+const REPLAY_WINDOW: u64 = 256;
+
+/// What this peer knows about one datanet.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct DatanetRecord {
+    /// The id.
+    pub id: DatanetId,
+    /// The owner.
+    pub owner: PeerId,
+    /// The nonce the id derives from.
+    pub nonce: u64,
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// License.
+    pub license: String,
+    /// Record format.
+    pub schema: RecordSchema,
+    /// Access policy.
+    pub access: AccessPolicy,
+    /// The latest version known, if any was published.
+    pub head: Option<Head>,
+}
+
+/// A shard whose blob this peer holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct LocalShard {
+    /// The datanet it belongs to.
+    pub datanet: DatanetId,
+    /// The shard.
+    pub info: ShardInfo,
+}
+
+/// Where a submission stands.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum SubmissionStatus {
+    /// Waiting for the owner.
+    Pending,
+    /// Approved; enters the next version.
+    Approved,
+    /// Rejected.
+    Rejected {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A submission received by the owner (or sent by a contributor).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct SubmissionRecord {
+    /// The signed submission.
+    pub signed: Signed<ShardSubmission>,
+    /// Where it stands.
+    pub status: SubmissionStatus,
+}
+
+/// Why a state operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored record does not decode: the store is corrupt.
+    #[error("metadata store: record in `{cf}` does not decode: {reason}")]
+    Corrupt {
+        /// The column family.
+        cf: &'static str,
+        /// The decode error.
+        reason: String,
+    },
+    /// No datanet matches.
+    #[error("no datanet named or with id `{0}`")]
+    UnknownDatanet(String),
+    /// More than one datanet has this name.
+    #[error("more than one datanet is named `{0}`: use its id")]
+    AmbiguousDatanet(String),
+    /// The operation needs the datanet's owner.
+    #[error("datanet `{0}` belongs to another peer")]
+    NotOwner(String),
+    /// Invalid input from the local user.
+    #[error("{0}")]
+    Invalid(String),
+    /// Nothing to do.
+    #[error("{0}")]
+    Nothing(String),
+}
+
+/// Why a message from a peer was rejected; the counters are per peer and per reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rejection {
+    /// Does not decode (or is not what the request claims).
+    Malformed,
+    /// Larger than the protocol allows.
+    Oversized,
+    /// The signature does not verify (unsigned, wrongly signed, or tampered with).
+    BadSignature,
+    /// Decodes and verifies, but breaks the message's rules.
+    Invalid,
+    /// A sequence number already seen from that signer.
+    Replayed,
+    /// Over the per-peer rate.
+    RateLimited,
+    /// A shard whose bytes did not match its hash.
+    BadShard,
+    /// A manifest that conflicts with one already held (same version, other content).
+    Conflicting,
+}
+
+/// What ingesting a manifest did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingested {
+    /// New and stored.
+    New,
+    /// Already held.
+    Known,
+    /// The previous version is needed first.
+    NeedPrevious(ContentHash),
+}
+
+#[derive(Debug, Default)]
+struct RateWindow {
+    start: Option<Instant>,
+    count: u32,
+}
+
+impl RateWindow {
+    fn allow(&mut self, now: Instant) -> bool {
+        match self.start {
+            Some(s) if now.duration_since(s) < RATE_WINDOW => {}
+            _ => {
+                self.start = Some(now);
+                self.count = 0;
+            }
+        }
+        self.count += 1;
+        self.count <= RATE_LIMIT
+    }
+}
+
+#[derive(Debug, Default)]
+struct SeqWindow {
+    max: u64,
+    seen: BTreeSet<u64>,
+}
+
+/// The node's state; owned by the actor.
+#[derive(Debug)]
+pub struct State {
+    store: Arc<Store>,
+    rejections: BTreeMap<PeerId, BTreeMap<Rejection, u64>>,
+    rates: BTreeMap<PeerId, RateWindow>,
+    seqs: BTreeMap<PeerId, SeqWindow>,
+    stop: bool,
+}
+
+fn decode<T: Canonical>(cf: Cf, bytes: &[u8]) -> Result<T, StateError> {
+    T::from_bytes(bytes).map_err(|e| StateError::Corrupt {
+        cf: cf.name(),
+        reason: e.to_string(),
+    })
+}
+
+fn cat(a: &[u8], b: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(a.len() + b.len());
+    k.extend_from_slice(a);
+    k.extend_from_slice(b);
+    k
+}
+
+/// Whether a normalised record is already in the datanet (published or pending).
+pub fn has_record(store: &Store, id: &DatanetId, record: &ContentHash) -> Result<bool, StateError> {
+    Ok(store.contains(Cf::Records, &cat(id.0.as_bytes(), record.as_bytes()))?)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now() -> Timestamp {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    Timestamp(ms)
+}
+
+impl State {
+    /// State over an open store.
+    pub fn new(store: Store) -> Self {
+        Self {
+            store: Arc::new(store),
+            rejections: BTreeMap::new(),
+            rates: BTreeMap::new(),
+            seqs: BTreeMap::new(),
+            stop: false,
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// A read-only view of the store for long reads off the actor (imports checking for
+    /// duplicate records). rocksdb allows concurrent readers; every write stays on the actor.
+    pub fn reader(&self) -> Arc<Store> {
+        self.store.clone()
+    }
+
+    // ---------------------------------------------------------------- counters
+
+    /// Counts a rejected message from `peer`.
+    pub fn reject(&mut self, peer: PeerId, why: Rejection) {
+        tracing::debug!(%peer, ?why, "rejected a message");
+        *self
+            .rejections
+            .entry(peer)
+            .or_default()
+            .entry(why)
+            .or_default() += 1;
+    }
+
+    /// Rejection counters per peer.
+    pub fn rejections(&self) -> &BTreeMap<PeerId, BTreeMap<Rejection, u64>> {
+        &self.rejections
+    }
+
+    /// Total penalties of a provider (bad shards).
+    pub fn penalties(&self, peer: &PeerId) -> u64 {
+        self.rejections
+            .get(peer)
+            .and_then(|r| r.get(&Rejection::BadShard))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Whether `peer` may send another announcement now (counts it).
+    pub fn rate_allow(&mut self, peer: PeerId) -> bool {
+        let ok = self.rates.entry(peer).or_default().allow(Instant::now());
+        if !ok {
+            self.reject(peer, Rejection::RateLimited);
+        }
+        ok
+    }
+
+    /// Checks an announcement's sequence number against the signer's window and records it.
+    /// False (and counted) for a replay.
+    pub fn accept_seq(&mut self, signer: PeerId, seq: u64) -> bool {
+        let w = self.seqs.entry(signer).or_default();
+        let fresh = seq + REPLAY_WINDOW > w.max && !w.seen.contains(&seq);
+        if fresh {
+            w.seen.insert(seq);
+            w.max = w.max.max(seq);
+            while w.seen.len() as u64 > REPLAY_WINDOW {
+                w.seen.pop_first();
+            }
+        } else {
+            self.reject(signer, Rejection::Replayed);
+        }
+        fresh
+    }
+
+    // ---------------------------------------------------------------- datanets
+
+    /// Every datanet known, sorted by id.
+    pub fn datanets(&self) -> Result<Vec<DatanetRecord>, StateError> {
+        self.store
+            .scan_prefix(Cf::Datanets, &[])?
+            .iter()
+            .map(|(_, v)| decode(Cf::Datanets, v))
+            .collect()
+    }
+
+    /// One datanet by id.
+    pub fn datanet(&self, id: &DatanetId) -> Result<Option<DatanetRecord>, StateError> {
+        self.store
+            .get(Cf::Datanets, id.0.as_bytes())?
+            .map(|v| decode(Cf::Datanets, &v))
+            .transpose()
+    }
+
+    /// A datanet by id (hex) or name.
+    pub fn resolve(&self, name_or_id: &str) -> Result<DatanetRecord, StateError> {
+        if let Ok(hash) = name_or_id.parse::<ContentHash>()
+            && let Some(d) = self.datanet(&DatanetId(hash))?
+        {
+            return Ok(d);
+        }
+        let mut found = self
+            .datanets()?
+            .into_iter()
+            .filter(|d| d.name == name_or_id);
+        match (found.next(), found.next()) {
+            (Some(d), None) => Ok(d),
+            (Some(_), Some(_)) => Err(StateError::AmbiguousDatanet(name_or_id.to_owned())),
+            _ => Err(StateError::UnknownDatanet(name_or_id.to_owned())),
+        }
+    }
+
+    /// Creates a datanet owned by `me`.
+    pub fn create_datanet(
+        &mut self,
+        me: PeerId,
+        name: String,
+        description: String,
+        license: String,
+        schema: RecordSchema,
+        access: AccessPolicy,
+    ) -> Result<DatanetRecord, StateError> {
+        if self
+            .datanets()?
+            .iter()
+            .any(|d| d.owner == me && d.name == name)
+        {
+            return Err(StateError::Invalid(format!(
+                "you already have a datanet named `{name}`"
+            )));
+        }
+        let nonce = rand::random::<u64>();
+        let id = DatanetId::derive(&me, &name, nonce);
+        let record = DatanetRecord {
+            id,
+            owner: me,
+            nonce,
+            name,
+            description,
+            license,
+            schema,
+            access,
+            head: None,
+        };
+        // Check the fields with the manifest's own rules before anything is stored.
+        self.draft(&record, Vec::new(), now())?
+            .validate()
+            .map_err(|e| StateError::Invalid(e.to_string()))?;
+        let mut batch = Batch::default();
+        self.store.put(
+            &mut batch,
+            Cf::Datanets,
+            id.0.as_bytes(),
+            &record.to_bytes(),
+        );
+        self.store.write(batch)?;
+        Ok(record)
+    }
+
+    fn draft(
+        &self,
+        d: &DatanetRecord,
+        shards: Vec<ShardEntry>,
+        at: Timestamp,
+    ) -> Result<Manifest, StateError> {
+        Ok(Manifest {
+            datanet: d.id,
+            owner: d.owner,
+            nonce: d.nonce,
+            version: d.head.map_or(1, |h| h.version + 1),
+            previous: d.head.map(|h| h.manifest),
+            name: d.name.clone(),
+            description: d.description.clone(),
+            license: d.license.clone(),
+            schema: d.schema,
+            access: d.access.clone(),
+            shards,
+            published_at: at,
+        })
+    }
+
+    /// Whether a normalised record is already in the datanet (published or pending).
+    pub fn has_record(&self, id: &DatanetId, record: &ContentHash) -> Result<bool, StateError> {
+        has_record(&self.store, id, record)
+    }
+
+    /// Records imported shards (their blobs already synced to the blob store) as pending for
+    /// the next version, with their record hashes, in one batch.
+    pub fn commit_shards(
+        &mut self,
+        id: &DatanetId,
+        contributor: PeerId,
+        shards: &[(ShardInfo, Vec<ContentHash>)],
+    ) -> Result<(), StateError> {
+        let mut batch = Batch::default();
+        for (info, records) in shards {
+            let entry = ShardEntry {
+                info: *info,
+                contributor,
+                key_epoch: None,
+            };
+            self.store.put(
+                &mut batch,
+                Cf::Pending,
+                &cat(id.0.as_bytes(), info.hash.as_bytes()),
+                &entry.to_bytes(),
+            );
+            for r in records {
+                self.store.put(
+                    &mut batch,
+                    Cf::Records,
+                    &cat(id.0.as_bytes(), r.as_bytes()),
+                    info.hash.as_bytes(),
+                );
+            }
+            let local = LocalShard {
+                datanet: *id,
+                info: *info,
+            };
+            self.store.put(
+                &mut batch,
+                Cf::Shards,
+                info.hash.as_bytes(),
+                &local.to_bytes(),
+            );
+        }
+        self.store.write(batch)?;
+        Ok(())
+    }
+
+    /// Shards waiting for the next version.
+    pub fn pending(&self, id: &DatanetId) -> Result<Vec<ShardEntry>, StateError> {
+        self.store
+            .scan_prefix(Cf::Pending, id.0.as_bytes())?
+            .iter()
+            .map(|(_, v)| decode(Cf::Pending, v))
+            .collect()
+    }
+
+    /// Records that this peer holds these shards' blobs.
+    pub fn record_local_shards(
+        &mut self,
+        id: &DatanetId,
+        infos: &[ShardInfo],
+    ) -> Result<(), StateError> {
+        let mut batch = Batch::default();
+        for info in infos {
+            let local = LocalShard {
+                datanet: *id,
+                info: *info,
+            };
+            self.store.put(
+                &mut batch,
+                Cf::Shards,
+                info.hash.as_bytes(),
+                &local.to_bytes(),
+            );
+        }
+        self.store.write(batch)?;
+        Ok(())
+    }
+
+    /// Whether this peer holds a shard's blob (as recorded).
+    pub fn has_shard(&self, hash: &ContentHash) -> Result<bool, StateError> {
+        Ok(self.store.contains(Cf::Shards, hash.as_bytes())?)
+    }
+
+    /// Every shard this peer holds.
+    pub fn local_shards(&self) -> Result<Vec<LocalShard>, StateError> {
+        self.store
+            .scan_prefix(Cf::Shards, &[])?
+            .iter()
+            .map(|(_, v)| decode(Cf::Shards, v))
+            .collect()
+    }
+
+    /// The next announcement sequence number (persisted in `batch`).
+    fn next_seq(&self, batch: &mut Batch) -> Result<u64, StateError> {
+        let seq = match self.store.get(Cf::Meta, KEY_ANNOUNCE_SEQ)? {
+            Some(v) => <[u8; 8]>::try_from(v.as_slice())
+                .map(u64::from_le_bytes)
+                .map_err(|_| StateError::Corrupt {
+                    cf: "meta",
+                    reason: "announce_seq is not 8 bytes".into(),
+                })?,
+            None => 0,
+        } + 1;
+        self.store
+            .put(batch, Cf::Meta, KEY_ANNOUNCE_SEQ, &seq.to_le_bytes());
+        Ok(seq)
+    }
+
+    /// Signs an announcement with the next sequence number.
+    pub fn sign_announcement(
+        &mut self,
+        keypair: &Keypair,
+        body: cohort_protocol::types::AnnouncementBody,
+    ) -> Result<Signed<Announcement>, StateError> {
+        let mut batch = Batch::default();
+        let seq = self.next_seq(&mut batch)?;
+        self.store.write(batch)?;
+        Ok(Signed::sign(
+            keypair,
+            &Announcement {
+                seq,
+                at: now(),
+                body,
+            },
+        ))
+    }
+
+    /// Signs the next version of an owned datanet: the previous version's shards plus the
+    /// pending ones. Stores it, moves the head and clears the pending shards in one batch.
+    pub fn publish(
+        &mut self,
+        keypair: &Keypair,
+        name_or_id: &str,
+    ) -> Result<Signed<Manifest>, StateError> {
+        let d = self.resolve(name_or_id)?;
+        if d.owner != keypair.peer_id() {
+            return Err(StateError::NotOwner(name_or_id.to_owned()));
+        }
+        let pending = self.pending(&d.id)?;
+        let mut shards: BTreeMap<ContentHash, ShardEntry> = BTreeMap::new();
+        if let Some(head) = d.head {
+            let prev = self
+                .manifest(&head.manifest)?
+                .ok_or_else(|| StateError::Corrupt {
+                    cf: "manifests",
+                    reason: format!("head manifest {} is missing", head.manifest),
+                })?;
+            let prev = prev.verify().map_err(|e| StateError::Corrupt {
+                cf: "manifests",
+                reason: e.to_string(),
+            })?;
+            shards.extend(prev.shards.into_iter().map(|s| (s.info.hash, s)));
+        }
+        if pending.is_empty() && d.head.is_some() {
+            return Err(StateError::Nothing(format!(
+                "datanet `{}` has nothing new since version {}",
+                d.name,
+                d.head.map_or(0, |h| h.version)
+            )));
+        }
+        for s in &pending {
+            shards.entry(s.info.hash).or_insert(*s);
+        }
+        let manifest = self.draft(&d, shards.into_values().collect(), now())?;
+        manifest
+            .validate()
+            .map_err(|e| StateError::Invalid(e.to_string()))?;
+        let signed = Signed::sign(keypair, &manifest);
+        let mut batch = Batch::default();
+        for s in &pending {
+            self.store.delete(
+                &mut batch,
+                Cf::Pending,
+                &cat(d.id.0.as_bytes(), s.info.hash.as_bytes()),
+            );
+        }
+        self.put_manifest(&mut batch, &d, &manifest, &signed);
+        self.store.write(batch)?;
+        Ok(signed)
+    }
+
+    fn put_manifest(
+        &self,
+        batch: &mut Batch,
+        known: &DatanetRecord,
+        m: &Manifest,
+        signed: &Signed<Manifest>,
+    ) {
+        let hash = signed.hash();
+        self.store
+            .put(batch, Cf::Manifests, hash.as_bytes(), &signed.to_bytes());
+        if known.head.is_none_or(|h| h.version < m.version) {
+            let record = DatanetRecord {
+                id: m.datanet,
+                owner: m.owner,
+                nonce: m.nonce,
+                name: m.name.clone(),
+                description: m.description.clone(),
+                license: m.license.clone(),
+                schema: m.schema,
+                access: m.access.clone(),
+                head: Some(Head {
+                    datanet: m.datanet,
+                    version: m.version,
+                    manifest: hash,
+                }),
+            };
+            self.store.put(
+                batch,
+                Cf::Datanets,
+                m.datanet.0.as_bytes(),
+                &record.to_bytes(),
+            );
+        }
+    }
+
+    /// A signed manifest by hash.
+    pub fn manifest(&self, hash: &ContentHash) -> Result<Option<Signed<Manifest>>, StateError> {
+        self.store
+            .get(Cf::Manifests, hash.as_bytes())?
+            .map(|v| decode(Cf::Manifests, &v))
+            .transpose()
+    }
+
+    /// The latest version of every datanet known.
+    pub fn heads(&self) -> Result<Vec<Head>, StateError> {
+        Ok(self
+            .datanets()?
+            .into_iter()
+            .filter_map(|d| d.head)
+            .collect())
+    }
+
+    /// Checks and stores a manifest received from `from`. The signer must be the owner, the
+    /// manifest valid, and chained to the previous version (which must be held first). A bad
+    /// one is counted against `from`.
+    pub fn ingest_manifest(
+        &mut self,
+        from: PeerId,
+        signed: &Signed<Manifest>,
+    ) -> Result<Ingested, Rejection> {
+        let hash = signed.hash();
+        match self.manifest(&hash) {
+            Ok(Some(_)) => return Ok(Ingested::Known),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!("metadata store: {e}");
+                return Err(Rejection::Malformed);
+            }
+        }
+        let result = self.check_manifest(signed);
+        match result {
+            Ok(Ingested::New) => {
+                let Ok(m) = signed.verify() else {
+                    return Err(Rejection::BadSignature);
+                };
+                let known = match self.datanet(&m.datanet) {
+                    Ok(Some(d)) => d,
+                    Ok(None) => DatanetRecord {
+                        id: m.datanet,
+                        owner: m.owner,
+                        nonce: m.nonce,
+                        name: m.name.clone(),
+                        description: String::new(),
+                        license: String::new(),
+                        schema: m.schema,
+                        access: m.access.clone(),
+                        head: None,
+                    },
+                    Err(e) => {
+                        tracing::error!("metadata store: {e}");
+                        return Err(Rejection::Malformed);
+                    }
+                };
+                let mut batch = Batch::default();
+                self.put_manifest(&mut batch, &known, &m, signed);
+                if let Err(e) = self.store.write(batch) {
+                    tracing::error!("metadata store: {e}");
+                    return Err(Rejection::Malformed);
+                }
+                Ok(Ingested::New)
+            }
+            Ok(other) => Ok(other),
+            Err(why) => {
+                self.reject(from, why);
+                Err(why)
+            }
+        }
+    }
+
+    fn check_manifest(&self, signed: &Signed<Manifest>) -> Result<Ingested, Rejection> {
+        let m = signed.verify().map_err(|_| Rejection::BadSignature)?;
+        m.validate().map_err(|_| Rejection::Invalid)?;
+        if signed.signer() != m.owner {
+            return Err(Rejection::Invalid);
+        }
+        let known = self.datanet(&m.datanet).map_err(|_| Rejection::Malformed)?;
+        if let Some(d) = &known {
+            if d.owner != m.owner || d.nonce != m.nonce {
+                return Err(Rejection::Invalid);
+            }
+            if let Some(h) = d.head
+                && h.version == m.version
+            {
+                // Same version, other bytes: the owner equivocated, or someone replays an
+                // edited copy.
+                return Err(Rejection::Conflicting);
+            }
+        }
+        if let Some(prev_hash) = m.previous {
+            let Some(prev) = self
+                .manifest(&prev_hash)
+                .map_err(|_| Rejection::Malformed)?
+            else {
+                return Ok(Ingested::NeedPrevious(prev_hash));
+            };
+            let prev = prev.verify().map_err(|_| Rejection::Malformed)?;
+            if prev.datanet != m.datanet
+                || prev.owner != m.owner
+                || prev.nonce != m.nonce
+                || prev.version + 1 != m.version
+            {
+                return Err(Rejection::Invalid);
+            }
+        }
+        Ok(Ingested::New)
+    }
+
+    // ---------------------------------------------------------------- submissions
+
+    /// Stores a submission received for a datanet this peer owns.
+    pub fn receive_submission(
+        &mut self,
+        me: PeerId,
+        from: PeerId,
+        signed: &Signed<ShardSubmission>,
+    ) -> Result<ContentHash, String> {
+        let s = match signed.verify() {
+            Ok(s) => s,
+            Err(e) => {
+                self.reject(from, Rejection::BadSignature);
+                return Err(e.to_string());
+            }
+        };
+        if let Err(e) = s.validate() {
+            self.reject(from, Rejection::Invalid);
+            return Err(e.to_string());
+        }
+        match self.datanet(&s.datanet) {
+            Ok(Some(d)) if d.owner == me => {}
+            Ok(_) => return Err(format!("this peer does not own datanet {}", s.datanet)),
+            Err(e) => return Err(e.to_string()),
+        }
+        let hash = signed.hash();
+        let record = SubmissionRecord {
+            signed: signed.clone(),
+            status: SubmissionStatus::Pending,
+        };
+        let mut batch = Batch::default();
+        if self
+            .store
+            .contains(Cf::Submissions, hash.as_bytes())
+            .unwrap_or(false)
+        {
+            return Ok(hash);
+        }
+        self.store.put(
+            &mut batch,
+            Cf::Submissions,
+            hash.as_bytes(),
+            &record.to_bytes(),
+        );
+        self.store.write(batch).map_err(|e| e.to_string())?;
+        Ok(hash)
+    }
+
+    /// Every submission stored, by hash.
+    pub fn submissions(&self) -> Result<Vec<(ContentHash, SubmissionRecord)>, StateError> {
+        self.store
+            .scan_prefix(Cf::Submissions, &[])?
+            .iter()
+            .map(|(k, v)| {
+                let hash = <[u8; 32]>::try_from(k.as_slice())
+                    .map(ContentHash::from_bytes)
+                    .map_err(|_| StateError::Corrupt {
+                        cf: "submissions",
+                        reason: "key is not a hash".into(),
+                    })?;
+                Ok((hash, decode(Cf::Submissions, v)?))
+            })
+            .collect()
+    }
+
+    /// One submission by hash or unique hex prefix.
+    pub fn submission(&self, id: &str) -> Result<(ContentHash, SubmissionRecord), StateError> {
+        let mut found = self
+            .submissions()?
+            .into_iter()
+            .filter(|(h, _)| h.to_string().starts_with(id));
+        match (found.next(), found.next()) {
+            (Some(s), None) => Ok(s),
+            (Some(_), Some(_)) => Err(StateError::Invalid(format!(
+                "submission id `{id}` is ambiguous"
+            ))),
+            _ => Err(StateError::Invalid(format!("no submission `{id}`"))),
+        }
+    }
+
+    /// Approves (the shard becomes pending, credited to the contributor; its blob must be held
+    /// already) or rejects a submission.
+    pub fn decide(
+        &mut self,
+        me: PeerId,
+        id: &str,
+        verdict: Verdict,
+    ) -> Result<SubmissionRecord, StateError> {
+        let (hash, mut record) = self.submission(id)?;
+        if record.status != SubmissionStatus::Pending {
+            return Err(StateError::Invalid(format!(
+                "submission {hash} was already decided"
+            )));
+        }
+        let s = record
+            .signed
+            .verify()
+            .map_err(|e| StateError::Invalid(e.to_string()))?;
+        let d = self
+            .datanet(&s.datanet)?
+            .ok_or_else(|| StateError::UnknownDatanet(s.datanet.to_string()))?;
+        if d.owner != me {
+            return Err(StateError::NotOwner(d.name));
+        }
+        let mut batch = Batch::default();
+        match verdict {
+            Verdict::Approved { .. } => {
+                let entry = ShardEntry {
+                    info: s.shard,
+                    contributor: record.signed.signer(),
+                    key_epoch: None,
+                };
+                self.store.put(
+                    &mut batch,
+                    Cf::Pending,
+                    &cat(d.id.0.as_bytes(), s.shard.hash.as_bytes()),
+                    &entry.to_bytes(),
+                );
+                let local = LocalShard {
+                    datanet: d.id,
+                    info: s.shard,
+                };
+                self.store.put(
+                    &mut batch,
+                    Cf::Shards,
+                    s.shard.hash.as_bytes(),
+                    &local.to_bytes(),
+                );
+                record.status = SubmissionStatus::Approved;
+            }
+            Verdict::Rejected { reason } => {
+                record.status = SubmissionStatus::Rejected { reason };
+            }
+        }
+        self.store.put(
+            &mut batch,
+            Cf::Submissions,
+            hash.as_bytes(),
+            &record.to_bytes(),
+        );
+        self.store.write(batch)?;
+        Ok(record)
+    }
+}
+
+/// The actor is gone (the node is shutting down).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the node's state actor has stopped")]
+pub struct StateGone;
+
+type Job = Box<dyn FnOnce(&mut State) + Send>;
+
+/// A handle to the state actor; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct StateHandle {
+    tx: mpsc::Sender<Job>,
+}
+
+/// Capacity of the actor's inbox.
+const INBOX: usize = 256;
+
+impl StateHandle {
+    /// Starts the actor on a blocking thread. It runs until [`StateHandle::stop`] or until every
+    /// handle is dropped; await the returned handle for it to finish (the store is closed then).
+    pub fn spawn(state: State) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::channel::<Job>(INBOX);
+        let join = tokio::task::spawn_blocking(move || {
+            let mut state = state;
+            while let Some(job) = rx.blocking_recv() {
+                job(&mut state);
+                if state.stop {
+                    break;
+                }
+            }
+            tracing::debug!("state actor stopped");
+        });
+        (Self { tx }, join)
+    }
+
+    /// Runs `f` on the actor and returns its result.
+    pub async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut State) -> R + Send + 'static,
+    ) -> Result<R, StateGone> {
+        let (reply, rx) = oneshot::channel();
+        let job: Job = Box::new(move |state| {
+            if reply.send(f(state)).is_err() {
+                tracing::debug!("a state caller went away before its reply");
+            }
+        });
+        self.tx.send(job).await.map_err(|_| StateGone)?;
+        rx.await.map_err(|_| StateGone)
+    }
+
+    /// Asks the actor to stop after the jobs already queued.
+    pub async fn stop(&self) -> Result<(), StateGone> {
+        self.call(|s| s.stop = true).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> (tempfile::TempDir, State, Keypair) {
+        let dir = tempfile::tempdir().unwrap();
+        let kp = Keypair::from_seed(&[7; 32]);
+        let store = Store::open(dir.path(), &kp.peer_id()).unwrap();
+        (dir, State::new(store), kp)
+    }
+
+    fn info(n: u8) -> ShardInfo {
+        ShardInfo {
+            hash: ContentHash::of(&[n]),
+            bytes: 10,
+            records: 1,
+            tokens: 3,
+        }
+    }
+
+    #[test]
+    fn publish_chains_versions_and_a_peer_ingests_them_in_order() {
+        let (_d, mut owner, kp) = state();
+        let me = kp.peer_id();
+        owner
+            .create_datanet(
+                me,
+                "n".into(),
+                "d".into(),
+                "MIT".into(),
+                RecordSchema::Chat,
+                AccessPolicy::Public,
+            )
+            .unwrap();
+        owner
+            .commit_shards(
+                &owner.resolve("n").unwrap().id,
+                me,
+                &[(info(1), vec![ContentHash::of(b"r1")])],
+            )
+            .unwrap();
+        let v1 = owner.publish(&kp, "n").unwrap();
+        assert!(matches!(
+            owner.publish(&kp, "n"),
+            Err(StateError::Nothing(_))
+        ));
+        let id = owner.resolve("n").unwrap().id;
+        owner.commit_shards(&id, me, &[(info(2), vec![])]).unwrap();
+        let v2 = owner.publish(&kp, "n").unwrap();
+        let m2 = v2.verify().unwrap();
+        assert_eq!(m2.version, 2);
+        assert_eq!(m2.previous, Some(v1.hash()));
+        assert_eq!(m2.shards.len(), 2);
+        assert!(owner.pending(&id).unwrap().is_empty());
+
+        let (_d2, mut peer, _) = state();
+        let from = Keypair::from_seed(&[9; 32]).peer_id();
+        assert_eq!(
+            peer.ingest_manifest(from, &v2),
+            Ok(Ingested::NeedPrevious(v1.hash()))
+        );
+        assert_eq!(peer.ingest_manifest(from, &v1), Ok(Ingested::New));
+        assert_eq!(peer.ingest_manifest(from, &v2), Ok(Ingested::New));
+        assert_eq!(peer.ingest_manifest(from, &v2), Ok(Ingested::Known));
+        assert_eq!(peer.heads().unwrap(), owner.heads().unwrap());
+        assert!(peer.rejections().is_empty());
+    }
+
+    #[test]
+    fn tampered_and_foreign_manifests_are_counted() {
+        let (_d, mut owner, kp) = state();
+        owner
+            .create_datanet(
+                kp.peer_id(),
+                "n".into(),
+                String::new(),
+                "MIT".into(),
+                RecordSchema::Alpaca,
+                AccessPolicy::Public,
+            )
+            .unwrap();
+        let v1 = owner.publish(&kp, "n").unwrap();
+        let (_d2, mut peer, _) = state();
+        let from = Keypair::from_seed(&[9; 32]).peer_id();
+        // Re-signed by someone else: the signer is not the owner.
+        let m = v1.verify().unwrap();
+        let forged = Signed::sign(&Keypair::from_seed(&[3; 32]), &m);
+        assert_eq!(peer.ingest_manifest(from, &forged), Err(Rejection::Invalid));
+        // Payload edited after signing.
+        let mut edited = m.clone();
+        edited.description = "edited".into();
+        let tampered = Signed::from_parts(
+            v1.domain().to_owned(),
+            v1.version(),
+            v1.signer(),
+            edited.to_bytes(),
+            *v1.signature(),
+        );
+        assert_eq!(
+            peer.ingest_manifest(from, &tampered),
+            Err(Rejection::BadSignature)
+        );
+        assert_eq!(peer.rejections()[&from].values().sum::<u64>(), 2);
+    }
+
+    #[test]
+    fn replays_and_floods_are_refused() {
+        let (_d, mut s, _) = state();
+        let p = Keypair::from_seed(&[9; 32]).peer_id();
+        assert!(s.accept_seq(p, 5));
+        assert!(s.accept_seq(p, 3));
+        assert!(!s.accept_seq(p, 5));
+        assert!(s.accept_seq(p, 1000));
+        assert!(!s.accept_seq(p, 10));
+        for _ in 0..RATE_LIMIT {
+            assert!(s.rate_allow(p));
+        }
+        assert!(!s.rate_allow(p));
+        let counts = &s.rejections()[&p];
+        assert_eq!(counts[&Rejection::Replayed], 2);
+        assert_eq!(counts[&Rejection::RateLimited], 1);
+    }
+}
