@@ -1,0 +1,255 @@
+//! Datanets across real `cohort up` processes on 127.0.0.1: publish, fetch, sync, contribute,
+//! and a store that survives SIGKILL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use cohort_tests::{Node, wait_until, write_chat_records};
+use serde_json::Value;
+
+fn shard_hashes(d: &Value) -> Vec<String> {
+    let mut v: Vec<String> = d["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["hash"].as_str().unwrap().to_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn all_local(d: &Value) -> bool {
+    d["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["local"] == true)
+}
+
+#[test]
+fn owner_publishes_and_two_peers_fetch_verify_and_serve_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = Node::start(&tmp.path().join("a"), &[]);
+    let b = Node::start(&tmp.path().join("b"), &["--bootstrap", &a.bootstrap]);
+    let c = Node::start(&tmp.path().join("c"), &["--bootstrap", &a.bootstrap]);
+
+    a.json(&[
+        "datanet",
+        "create",
+        "recipes",
+        "--schema",
+        "chat",
+        "--license",
+        "CC-BY-4.0",
+        "--description",
+        "cooking chats",
+    ]);
+    let file = tmp.path().join("recipes.jsonl");
+    write_chat_records(&file, 0, 2000, 100);
+    let added = a.json(&[
+        "datanet",
+        "add",
+        "recipes",
+        file.to_str().unwrap(),
+        "--shard-bytes",
+        "65536",
+    ]);
+    assert_eq!(added["records_read"], 2000);
+    assert!(added["shards"].as_array().unwrap().len() > 1);
+    let published = a.json(&["datanet", "publish", "recipes"]);
+    assert_eq!(published["version"], 1);
+    assert_eq!(published["records"], 2000);
+    let owner_view = a.datanet("recipes").unwrap();
+    assert!(all_local(&owner_view));
+
+    // Both peers learn the manifest (gossip announcement, then a pull over cohort/1).
+    for peer in [&b, &c] {
+        let d = peer.wait_for_version("recipes", 1);
+        assert_eq!(d["owner"], a.id.as_str());
+        assert_eq!(d["license"], "CC-BY-4.0");
+        assert_eq!(shard_hashes(&d), shard_hashes(&owner_view));
+        assert!(!all_local(&d), "nothing is fetched yet");
+    }
+
+    // B fetches from the owner; every shard arrives verified against its hash.
+    let fetched = b.json(&["datanet", "fetch", "recipes"]);
+    assert_eq!(
+        fetched["report"]["fetched"].as_u64().unwrap() as usize,
+        shard_hashes(&owner_view).len()
+    );
+    assert!(all_local(&b.datanet("recipes").unwrap()));
+
+    // With the owner gone, C still fetches every shard: from B, which serves them on.
+    a.stop();
+    let fetched = c.json(&["datanet", "fetch", "recipes"]);
+    assert_eq!(
+        fetched["report"]["fetched"].as_u64().unwrap() as usize,
+        shard_hashes(&owner_view).len()
+    );
+    let d = c.datanet("recipes").unwrap();
+    assert!(all_local(&d));
+    assert_eq!(d["records"], 2000);
+    // A second fetch has nothing to do.
+    let again = c.json(&["datanet", "fetch", "recipes"]);
+    assert_eq!(again["report"]["fetched"], 0);
+}
+
+#[test]
+fn a_late_joiner_catches_up_by_anti_entropy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Node::start(&tmp.path().join("a"), &[]);
+    a.json(&["datanet", "create", "early", "--schema", "alpaca"]);
+    let f1 = tmp.path().join("one.jsonl");
+    std::fs::write(
+        &f1,
+        "{\"instruction\":\"add\",\"input\":\"1 2\",\"output\":\"3\"}\n",
+    )
+    .unwrap();
+    a.json(&["datanet", "add", "early", f1.to_str().unwrap()]);
+    let v1 = a.json(&["datanet", "publish", "early"]);
+    let f2 = tmp.path().join("two.jsonl");
+    std::fs::write(
+        &f2,
+        "{\"instruction\":\"add\",\"input\":\"2 2\",\"output\":\"4\"}\n",
+    )
+    .unwrap();
+    a.json(&["datanet", "add", "early", f2.to_str().unwrap()]);
+    let v2 = a.json(&["datanet", "publish", "early"]);
+    assert_eq!(v2["version"], 2);
+
+    // Both announcements went out before D existed: only anti-entropy can bring them.
+    let d = Node::start(&tmp.path().join("d"), &["--bootstrap", &a.bootstrap]);
+    let seen = d.wait_for_version("early", 2);
+    assert_eq!(seen["manifest"], v2["manifest"]);
+    assert_eq!(
+        seen["previous"], v1["manifest"],
+        "the chain to version 1 is held"
+    );
+    assert_eq!(seen["records"], 2);
+    d.json(&["datanet", "fetch", "early"]);
+    assert!(all_local(&d.datanet("early").unwrap()));
+}
+
+#[test]
+fn a_contribution_is_approved_into_the_next_version_with_its_contributor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let owner = Node::start(&tmp.path().join("owner"), &[]);
+    let contributor = Node::start(
+        &tmp.path().join("contrib"),
+        &["--bootstrap", &owner.bootstrap],
+    );
+    owner.json(&["datanet", "create", "shared", "--schema", "chat"]);
+    let f = tmp.path().join("own.jsonl");
+    write_chat_records(&f, 0, 10, 10);
+    owner.json(&["datanet", "add", "shared", f.to_str().unwrap()]);
+    owner.json(&["datanet", "publish", "shared"]);
+    contributor.wait_for_version("shared", 1);
+
+    let g = tmp.path().join("gift.jsonl");
+    write_chat_records(&g, 100, 5, 10);
+    let sent = contributor.json(&[
+        "datanet",
+        "contribute",
+        "shared",
+        g.to_str().unwrap(),
+        "--note",
+        "five more",
+    ]);
+    let id = sent["submissions"][0].as_str().unwrap().to_owned();
+
+    let listed = owner.json(&["datanet", "review"]);
+    let sub = &listed["submissions"][0];
+    assert_eq!(sub["id"], id.as_str());
+    assert_eq!(sub["contributor"], contributor.id.as_str());
+    assert_eq!(sub["note"], "five more");
+    assert_eq!(sub["status"]["state"], "pending");
+
+    let approved = owner.json(&["datanet", "review", "--approve", &id[..12]]);
+    assert_eq!(approved["status"]["state"], "approved");
+    let v2 = owner.json(&["datanet", "publish", "shared"]);
+    assert_eq!(v2["version"], 2);
+    assert_eq!(v2["records"], 15);
+
+    let seen = contributor.wait_for_version("shared", 2);
+    let shards = seen["shards"].as_array().unwrap();
+    let theirs: Vec<_> = shards
+        .iter()
+        .filter(|s| s["contributor"] == contributor.id.as_str())
+        .collect();
+    assert_eq!(theirs.len(), 1, "{seen}");
+    assert_eq!(theirs[0]["records"], 5);
+    assert!(shards.iter().any(|s| s["contributor"] == owner.id.as_str()));
+
+    // A decided submission cannot be decided again; a rejection needs a reason.
+    let err = owner.fails(&["datanet", "review", "--reject", &id, "--reason", "late"]);
+    assert!(err.contains("already decided"), "{err}");
+}
+
+#[test]
+fn sigkill_during_import_leaves_a_consistent_store_and_loses_nothing_committed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    let mut a = Node::start(&dir, &[]);
+    a.json(&["datanet", "create", "big", "--schema", "chat"]);
+    let small = tmp.path().join("small.jsonl");
+    write_chat_records(&small, 0, 50, 10);
+    let committed = a.json(&["datanet", "add", "big", small.to_str().unwrap()]);
+    let committed: Vec<String> = committed["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["hash"].as_str().unwrap().to_owned())
+        .collect();
+
+    let large = tmp.path().join("large.jsonl");
+    write_chat_records(&large, 1000, 120_000, 200);
+    let add = a
+        .cmd()
+        .args([
+            "datanet",
+            "add",
+            "big",
+            large.to_str().unwrap(),
+            "--shard-bytes",
+            "1048576",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the node while the import runs: once its first shards reach the blob store.
+    let data = dir.join("blobs").join("data");
+    wait_until("the import to write blobs", Duration::from_secs(60), || {
+        let n = std::fs::read_dir(&data).map(|d| d.count()).unwrap_or(0);
+        (n > 0).then_some(())
+    });
+    a.kill();
+    let out = add.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "the import finished before the kill; the test needs a bigger file"
+    );
+
+    // The store opens, everything committed is still there, and every recorded shard's blob
+    // is present.
+    let a = Node::start(&dir, &[]);
+    let d = a.datanet("big").unwrap();
+    let pending = d["pending"].as_array().unwrap();
+    for h in &committed {
+        assert!(pending.iter().any(|p| p["hash"] == h.as_str()), "lost {h}");
+    }
+    assert!(pending.iter().all(|p| p["local"] == true), "{d}");
+    // The interrupted import can simply be run again.
+    let again = a.json(&[
+        "datanet",
+        "add",
+        "big",
+        large.to_str().unwrap(),
+        "--shard-bytes",
+        "1048576",
+    ]);
+    assert_eq!(again["records_read"], 120_000);
+    let v = a.json(&["datanet", "publish", "big"]);
+    assert_eq!(v["records"], 120_050);
+    assert!(all_local(&a.datanet("big").unwrap()));
+}
