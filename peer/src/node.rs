@@ -50,6 +50,8 @@ use crate::state::{Ingested, Rejection, State, StateGone, StateHandle};
 pub const NODE_FILE: &str = "node.json";
 /// The name of the HTTP API's bearer token file (mode 0600).
 pub const TOKEN_FILE: &str = "api.token";
+/// How long connecting to a blob provider may take before the next one is tried.
+const BLOB_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Gossip's message limit; announcements are checked against a smaller one before sending.
 const GOSSIP_MAX_MESSAGE: usize = 4096;
 
@@ -325,7 +327,7 @@ impl Node {
     /// that does not match the hash penalises the provider.
     pub async fn fetch_blob(&self, provider: PeerId, hash: ContentHash) -> Result<(), FetchError> {
         let conn = tokio::time::timeout(
-            rpc::CALL_TIMEOUT,
+            BLOB_CONNECT_TIMEOUT,
             self.endpoint
                 .connect(endpoint_id(&provider), iroh_blobs::ALPN),
         )
@@ -348,7 +350,13 @@ impl Node {
                     .ok();
                 Err(FetchError::Corrupt(source.to_string()))
             }
-            Err(e) => Err(FetchError::Failed(e.to_string())),
+            Err(e) => {
+                self.state
+                    .call(move |s| s.reject(provider, Rejection::FailedTransfer))
+                    .await
+                    .ok();
+                Err(FetchError::Failed(e.to_string()))
+            }
         }
     }
 
@@ -397,7 +405,7 @@ impl Node {
                         break;
                     }
                     Err(e) => {
-                        if matches!(e, FetchError::Corrupt(_)) {
+                        if matches!(e, FetchError::Corrupt(_) | FetchError::Failed(_)) {
                             report.bad_providers.push(p.to_string());
                         }
                         errors.push(format!("{}: {e}", p.short()));

@@ -141,6 +141,10 @@ pub enum Rejection {
     BadShard,
     /// A manifest that conflicts with one already held (same version, other content).
     Conflicting,
+    /// A provider that accepted a blob request and then failed to deliver verified bytes
+    /// (its own store found the bytes do not match the hash and reset the stream, or it did
+    /// not hold what it announced).
+    FailedTransfer,
 }
 
 /// What ingesting a manifest did.
@@ -259,13 +263,12 @@ impl State {
         &self.rejections
     }
 
-    /// Total penalties of a provider (bad shards).
+    /// Total penalties of a provider: bad shards weigh ten failed transfers.
     pub fn penalties(&self, peer: &PeerId) -> u64 {
-        self.rejections
-            .get(peer)
-            .and_then(|r| r.get(&Rejection::BadShard))
-            .copied()
-            .unwrap_or(0)
+        self.rejections.get(peer).map_or(0, |r| {
+            10 * r.get(&Rejection::BadShard).copied().unwrap_or(0)
+                + r.get(&Rejection::FailedTransfer).copied().unwrap_or(0)
+        })
     }
 
     /// Whether `peer` may send another announcement now (counts it).
