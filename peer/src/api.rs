@@ -44,6 +44,9 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/api/submissions", get(submissions))
         .route("/api/submissions/{id}/approve", post(approve))
         .route("/api/submissions/{id}/reject", post(reject))
+        .route("/api/datanets/{name}/records", get(records))
+        .route("/api/datanets/{name}/grant", post(grant))
+        .route("/api/datanets/{name}/revoke", post(revoke))
         .route("/api/sync", post(sync_now))
         .merge(cohort_gui_lite::router())
         .with_state(node)
@@ -294,13 +297,10 @@ async fn create(
     };
     let access = match body.access.as_str() {
         "public" => AccessPolicy::Public,
-        "allowlist" => {
-            return Err(ApiError::new(
-                StatusCode::NOT_IMPLEMENTED,
-                "private (allowlist) datanets are not implemented yet: shards would have to be \
-                 encrypted, and this build cannot encrypt them",
-            ));
-        }
+        "allowlist" => AccessPolicy::Allowlist {
+            grantees: Vec::new(),
+            key_epoch: 0,
+        },
         other => {
             return Err(ApiError::bad(format!(
                 "access `{other}`: use public or allowlist"
@@ -341,6 +341,7 @@ async fn import_into_blobs(
     d: &DatanetRecord,
     body: &FilesBody,
     dedup_against_store: bool,
+    encrypt: Option<(crate::crypto::DatanetKey, u32)>,
 ) -> Result<(Vec<(ShardInfo, Vec<ContentHash>)>, u64, u64), ApiError> {
     if body.files.is_empty() {
         return Err(ApiError::bad("no files given"));
@@ -359,8 +360,12 @@ async fn import_into_blobs(
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     let mut out = Vec::new();
     for shard in imported.shards {
-        let bytes = shard.bytes.len() as u64;
-        let tag = node.blobs.add_bytes(shard.bytes).await.map_err(|e| {
+        let blob = match &encrypt {
+            Some((key, epoch)) => crate::crypto::encrypt_shard(key, &id, *epoch, &shard.bytes),
+            None => shard.bytes,
+        };
+        let bytes = blob.len() as u64;
+        let tag = node.blobs.add_bytes(blob).await.map_err(|e| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("blob store: {e}"),
@@ -404,11 +409,28 @@ async fn add(
             ),
         ));
     }
-    let (shards, read, duplicates) = import_into_blobs(&node, &d, &body, true).await?;
+    let (epoch, encrypt) = match &d.access {
+        AccessPolicy::Public => (None, None),
+        AccessPolicy::Allowlist { key_epoch, .. } => {
+            let (id, e) = (d.id, *key_epoch);
+            let key = node
+                .state
+                .call(move |s| s.datanet_key(&id, e))
+                .await??
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("the key of epoch {e} is missing from the store"),
+                    )
+                })?;
+            (Some(e), Some((key, e)))
+        }
+    };
+    let (shards, read, duplicates) = import_into_blobs(&node, &d, &body, true, encrypt).await?;
     let id = d.id;
     let infos: Vec<_> = shards.iter().map(|(i, _)| *i).collect();
     node.state
-        .call(move |s| s.commit_shards(&id, me, &shards))
+        .call(move |s| s.commit_shards(&id, me, epoch, &shards))
         .await??;
     let hashes: Vec<_> = infos.iter().map(|i| i.hash).collect();
     node.index.add_providers(me, &hashes).await;
@@ -477,6 +499,11 @@ async fn fetch(
     let m = manifest
         .verify()
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if !matches!(m.access, AccessPolicy::Public) && d.owner != node.me() {
+        node.fetch_grants(d.id, d.owner)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e))?;
+    }
     let infos: Vec<_> = m.shards.iter().map(|s| s.info).collect();
     let report = node
         .fetch_shards(d.id, d.owner, &infos)
@@ -503,7 +530,13 @@ async fn contribute(
             d.name
         )));
     }
-    let (shards, read, duplicates) = import_into_blobs(&node, &d, &body, false).await?;
+    if !matches!(d.access, AccessPolicy::Public) {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "contributions to private datanets are not supported yet",
+        ));
+    }
+    let (shards, read, duplicates) = import_into_blobs(&node, &d, &body, false, None).await?;
     let id = d.id;
     let infos: Vec<_> = shards.iter().map(|(i, _)| *i).collect();
     let recorded = infos.clone();
@@ -645,4 +678,133 @@ async fn sync_now(_auth: Authorized, State(node): State<AppState>) -> ApiResult 
         }
     }
     Ok(Json(json!({ "pulled": pulled, "errors": errors })))
+}
+
+#[derive(Debug, Deserialize)]
+struct PeerBody {
+    peer: String,
+}
+
+fn parse_peer(s: &str) -> Result<PeerId, ApiError> {
+    s.parse()
+        .map_err(|e| ApiError::bad(format!("peer `{s}`: {e}")))
+}
+
+async fn grant(
+    _auth: Authorized,
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+    Json(body): Json<PeerBody>,
+) -> ApiResult {
+    let peer = parse_peer(&body.peer)?;
+    let kp = node.keypair.clone();
+    let grants = node
+        .state
+        .call(move |s| s.grant(&kp, &name, peer))
+        .await??;
+    Ok(Json(json!({
+        "grantee": peer.to_string(),
+        "key_epochs": grants.iter().filter_map(|g| g.verify().ok()).map(|g| g.key_epoch).collect::<Vec<_>>(),
+        "note": "the grantee is in the allowlist from the next published version",
+    })))
+}
+
+async fn revoke(
+    _auth: Authorized,
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+    Json(body): Json<PeerBody>,
+) -> ApiResult {
+    let peer = parse_peer(&body.peer)?;
+    let kp = node.keypair.clone();
+    let r = node
+        .state
+        .call(move |s| s.revoke(&kp, &name, peer))
+        .await??;
+    let r = r
+        .verify()
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(json!({
+        "revoked": peer.to_string(),
+        "new_key_epoch": r.new_key_epoch,
+        "from_version": r.from_version,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+struct RecordsQuery {
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+fn default_limit() -> usize {
+    100
+}
+
+/// The records of the latest version's shards held here, decrypted where private.
+async fn records(
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<RecordsQuery>,
+) -> ApiResult {
+    let (d, manifest) = node
+        .state
+        .call(move |s| -> Result<_, StateError> {
+            let d = s.resolve(&name)?;
+            let m = match d.head {
+                Some(h) => s.manifest(&h.manifest)?,
+                None => None,
+            };
+            Ok((d, m))
+        })
+        .await??;
+    let Some(m) = manifest.and_then(|m| m.verify().ok()) else {
+        return Err(ApiError::new(StatusCode::CONFLICT, "no published version"));
+    };
+    let mut out = Vec::new();
+    let mut total = 0u64;
+    for s in &m.shards {
+        let hash = iroh_blobs::Hash::from_bytes(*s.info.hash.as_bytes());
+        if !node.blobs.has(hash).await.unwrap_or(false) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "shard {} is not held here: fetch the datanet first",
+                    s.info.hash
+                ),
+            ));
+        }
+        let blob = node
+            .blobs
+            .get_bytes(hash)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let plain = match s.key_epoch {
+            None => blob.to_vec(),
+            Some(epoch) => {
+                let id = d.id;
+                let key = node
+                    .state
+                    .call(move |st| st.datanet_key(&id, epoch))
+                    .await??
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            StatusCode::FORBIDDEN,
+                            format!("no key for epoch {epoch} of `{}`: not granted", d.name),
+                        )
+                    })?;
+                crate::crypto::decrypt_shard(&key, &d.id, epoch, &blob)
+                    .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, e.to_string()))?
+            }
+        };
+        for line in String::from_utf8_lossy(&plain).lines() {
+            total += 1;
+            if out.len() < q.limit {
+                out.push(serde_json::from_str::<Value>(line).unwrap_or(Value::Null));
+            }
+        }
+    }
+    Ok(Json(
+        json!({ "version": m.version, "total": total, "records": out }),
+    ))
 }

@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod client;
+pub mod crypto;
 pub mod data_dir;
 pub mod identity;
 pub mod import;

@@ -150,6 +150,28 @@ enum DatanetCommand {
         #[arg(long, default_value = "")]
         note: String,
     },
+    /// Print the records of the latest version held here (decrypted for a grantee).
+    Cat {
+        /// Datanet name or id.
+        datanet: String,
+        /// At most this many records.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Give a peer read access to a private datanet (from the next version on).
+    Grant {
+        /// Datanet name or id.
+        datanet: String,
+        /// The grantee's peer id.
+        peer: String,
+    },
+    /// Take read access away; shards added from now on use a new key the peer never gets.
+    Revoke {
+        /// Datanet name or id.
+        datanet: String,
+        /// The revoked peer's id.
+        peer: String,
+    },
     /// List submissions, or approve or reject one.
     Review {
         /// Approve this submission (id or unique prefix).
@@ -174,6 +196,14 @@ enum DebugCommand {
         to: PeerAddr,
         /// The request bytes.
         file: PathBuf,
+    },
+    /// Ask a peer for one blob over iroh-blobs with this data directory's key; print its size.
+    GetBlob {
+        /// `PEER_ID@IP:PORT`.
+        #[arg(long)]
+        from: PeerAddr,
+        /// The blob's hash.
+        hash: String,
     },
 }
 
@@ -363,6 +393,48 @@ fn datanet(cli: &Cli, command: &DatanetCommand) -> anyhow::Result<()> {
                 format!("submitted {} shard(s): {}", ids.len(), ids.join(" "))
             });
         }
+        DatanetCommand::Cat { datanet, limit } => {
+            let v = c.get(&format!(
+                "/api/datanets/{}/records?limit={limit}",
+                enc(datanet)
+            ))?;
+            print(cli, &v, |v| {
+                v["records"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(Value::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        DatanetCommand::Grant { datanet, peer } => {
+            let v = c.post(
+                &format!("/api/datanets/{}/grant", enc(datanet)),
+                &json!({ "peer": peer }),
+            )?;
+            print(cli, &v, |v| {
+                format!(
+                    "granted {} (key epochs {}); publish to put it in the allowlist",
+                    st(&v["grantee"]),
+                    v["key_epochs"]
+                )
+            });
+        }
+        DatanetCommand::Revoke { datanet, peer } => {
+            let v = c.post(
+                &format!("/api/datanets/{}/revoke", enc(datanet)),
+                &json!({ "peer": peer }),
+            )?;
+            print(cli, &v, |v| {
+                format!(
+                    "revoked {}: new key epoch {} from version {}",
+                    st(&v["revoked"]),
+                    v["new_key_epoch"],
+                    v["from_version"]
+                )
+            });
+        }
         DatanetCommand::Review {
             approve,
             reject,
@@ -386,25 +458,55 @@ fn datanet(cli: &Cli, command: &DatanetCommand) -> anyhow::Result<()> {
 
 async fn debug_send(dir: DataDir, to: PeerAddr, file: PathBuf) -> anyhow::Result<()> {
     use cohort_protocol::types::rpc::Response;
-    let keypair = dir.keypair()?;
-    let endpoint = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
-        .clear_ip_transports()
-        .portmapper_config(iroh::endpoint::PortmapperConfig::Disabled)
-        .net_report_config(iroh::NetReportConfig::minimal())
-        .secret_key(cohort_peer::identity::iroh_secret_key(&keypair))
-        .bind_addr("127.0.0.1:0")?
-        .bind()
-        .await?;
-    let mut addr = iroh::EndpointAddr::new(cohort_peer::identity::endpoint_id(&to.id));
-    for a in &to.addrs {
-        addr = addr.with_ip_addr(*a);
-    }
+    let endpoint = debug_endpoint(&dir).await?;
+    let addr = endpoint_addr(&to);
     let bytes = std::fs::read(&file).with_context(|| file.display().to_string())?;
     let result = cohort_peer::rpc::call_raw(&endpoint, addr, &bytes).await;
     endpoint.close().await;
     let answer = result?;
     let response: Response = cohort_peer::rpc::decode_frame(&answer)?;
     println!("{response:?}");
+    Ok(())
+}
+
+async fn debug_endpoint(dir: &DataDir) -> anyhow::Result<iroh::Endpoint> {
+    let keypair = dir.keypair()?;
+    Ok(iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
+        .clear_ip_transports()
+        .portmapper_config(iroh::endpoint::PortmapperConfig::Disabled)
+        .net_report_config(iroh::NetReportConfig::minimal())
+        .secret_key(cohort_peer::identity::iroh_secret_key(&keypair))
+        .bind_addr("127.0.0.1:0")?
+        .bind()
+        .await?)
+}
+
+fn endpoint_addr(to: &PeerAddr) -> iroh::EndpointAddr {
+    let mut addr = iroh::EndpointAddr::new(cohort_peer::identity::endpoint_id(&to.id));
+    for a in &to.addrs {
+        addr = addr.with_ip_addr(*a);
+    }
+    addr
+}
+
+async fn debug_get_blob(dir: DataDir, from: PeerAddr, hash: String) -> anyhow::Result<()> {
+    let hash: cohort_protocol::ContentHash = hash.parse()?;
+    let endpoint = debug_endpoint(&dir).await?;
+    let result = async {
+        let conn = endpoint
+            .connect(endpoint_addr(&from), iroh_blobs::ALPN)
+            .await?;
+        let bytes = iroh_blobs::get::request::get_blob(
+            conn,
+            iroh_blobs::Hash::from_bytes(*hash.as_bytes()),
+        )
+        .bytes()
+        .await?;
+        anyhow::Ok(bytes.len())
+    }
+    .await;
+    endpoint.close().await;
+    println!("received {} bytes", result?);
     Ok(())
 }
 
@@ -491,6 +593,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let dir = data_dir(&cli)?;
             runtime()?.block_on(debug_send(dir, to.clone(), file.clone()))?;
+        }
+        Command::Debug {
+            command: DebugCommand::GetBlob { from, hash },
+        } => {
+            let dir = data_dir(&cli)?;
+            runtime()?.block_on(debug_get_blob(dir, from.clone(), hash.clone()))?;
         }
     }
     Ok(())

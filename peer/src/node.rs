@@ -31,6 +31,9 @@ use iroh::endpoint::{Connection, presets};
 use iroh::protocol::{AcceptError, ProtocolHandler, Router};
 use iroh::{Endpoint, EndpointAddr};
 use iroh_blobs::BlobsProtocol;
+use iroh_blobs::provider::events::{
+    AbortReason, ConnectMode, EventMask, EventSender, ObserveMode, ProviderMessage, RequestMode,
+};
 use iroh_blobs::store::fs::FsStore;
 use iroh_gossip::api::{Event, GossipSender};
 use iroh_gossip::{Gossip, TopicId};
@@ -529,6 +532,55 @@ impl Node {
         }
     }
 
+    /// Asks the owner of a private datanet for this peer's grants and stores the keys.
+    pub async fn fetch_grants(
+        &self,
+        datanet: cohort_protocol::types::DatanetId,
+        owner: PeerId,
+    ) -> Result<usize, String> {
+        let response = rpc::call(
+            &self.endpoint,
+            endpoint_id(&owner),
+            RequestBody::GetGrants { datanet },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let grants = match response {
+            Response::Grants { grants } => grants,
+            Response::Refused { reason } => return Err(format!("the owner refused: {reason}")),
+            other => return Err(format!("unexpected answer: {other:?}")),
+        };
+        let mut stored = 0;
+        for g in grants {
+            let checked = g.verify().ok().filter(|v| {
+                g.signer() == owner
+                    && v.datanet == datanet
+                    && v.grantee == self.me()
+                    && v.validate().is_ok()
+            });
+            let Some(v) = checked else {
+                self.state
+                    .call(move |s| s.reject(owner, Rejection::Invalid))
+                    .await
+                    .ok();
+                continue;
+            };
+            let key =
+                crate::crypto::unwrap_key(&self.keypair, &datanet, v.key_epoch, &v.wrapped_key)
+                    .map_err(|e| format!("grant for epoch {}: {e}", v.key_epoch))?;
+            self.state
+                .call(move |s| s.store_key(&datanet, v.key_epoch, &key))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            stored += 1;
+        }
+        if stored == 0 {
+            return Err("the owner has granted this peer no key".into());
+        }
+        Ok(stored)
+    }
+
     /// Anti-entropy with one peer: compare heads, pull what is newer.
     pub async fn sync_with(&self, peer: PeerId) -> Result<usize, String> {
         let response = rpc::call(&self.endpoint, endpoint_id(&peer), RequestBody::Heads)
@@ -707,14 +759,32 @@ impl CohortProtocol {
             reason: e.to_string(),
         };
         match request.body {
-            RequestBody::Heads => match state.call(|s| s.heads()).await {
+            RequestBody::Heads => match state
+                .call(move |s| {
+                    s.heads().map(|hs| {
+                        hs.into_iter()
+                            .filter(|h| s.may_read(&h.datanet, &remote).unwrap_or(false))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .await
+            {
                 Ok(Ok(heads)) => Response::Heads { heads },
                 Ok(Err(e)) => Response::Refused {
                     reason: e.to_string(),
                 },
                 Err(e) => internal(e),
             },
-            RequestBody::GetManifest { hash } => match state.call(move |s| s.manifest(&hash)).await
+            RequestBody::GetManifest { hash } => match state
+                .call(move |s| {
+                    s.manifest(&hash).map(|m| {
+                        m.filter(|m| {
+                            m.verify()
+                                .is_ok_and(|v| s.may_read(&v.datanet, &remote).unwrap_or(false))
+                        })
+                    })
+                })
+                .await
             {
                 Ok(Ok(manifest)) => Response::Manifest { manifest },
                 Ok(Err(e)) => Response::Refused {
@@ -728,6 +798,15 @@ impl CohortProtocol {
                     Err(why) => Response::Refused {
                         reason: format!("announcement rejected: {why:?}"),
                     },
+                }
+            }
+            RequestBody::GetGrants { datanet } => {
+                match state.call(move |s| s.grants_for(&datanet, &remote)).await {
+                    Ok(Ok(grants)) => Response::Grants { grants },
+                    Ok(Err(e)) => Response::Refused {
+                        reason: e.to_string(),
+                    },
+                    Err(e) => internal(e),
                 }
             }
             RequestBody::Submit { submission } => {
@@ -837,7 +916,18 @@ pub async fn run(config: NodeConfig, cancel: CancellationToken) -> Result<(), No
     let gossip = Gossip::builder()
         .max_message_size(GOSSIP_MAX_MESSAGE)
         .spawn(endpoint.clone());
-    let blobs_protocol = BlobsProtocol::new(&blobs, None);
+    let (events, provider_rx) = EventSender::channel(
+        64,
+        EventMask {
+            connected: ConnectMode::Intercept,
+            get: RequestMode::Intercept,
+            get_many: RequestMode::Disabled,
+            push: RequestMode::Disabled,
+            observe: ObserveMode::None,
+            ..EventMask::DEFAULT
+        },
+    );
+    let blobs_protocol = BlobsProtocol::new(&blobs, Some(events));
 
     let bootstrap_ids: Vec<_> = config
         .bootstrap
@@ -905,6 +995,11 @@ pub async fn run(config: NodeConfig, cancel: CancellationToken) -> Result<(), No
         gossip_receiver,
         cancel.child_token(),
     ));
+    tasks.spawn(provider_gate(
+        state.clone(),
+        provider_rx,
+        cancel.child_token(),
+    ));
     tasks.spawn(sync_loop(
         node.clone(),
         sync_rx,
@@ -967,6 +1062,70 @@ pub async fn run(config: NodeConfig, cancel: CancellationToken) -> Result<(), No
         tracing::warn!("state actor: {e}");
     }
     Ok(())
+}
+
+/// Decides every blob request: only recorded shards are served, private ones only to their
+/// owner and grantees. Every intercepted message is answered (an unanswered one stalls it).
+async fn provider_gate(
+    state: StateHandle,
+    mut rx: tokio::sync::mpsc::Receiver<ProviderMessage>,
+    cancel: CancellationToken,
+) {
+    let mut peers: std::collections::HashMap<u64, PeerId> = std::collections::HashMap::new();
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            m = rx.recv() => match m { Some(m) => m, None => break },
+        };
+        match msg {
+            ProviderMessage::ClientConnected(msg) => {
+                let answer = match msg.endpoint_id {
+                    Some(id) => {
+                        peers.insert(msg.connection_id, peer_id_of_endpoint(&id));
+                        Ok(())
+                    }
+                    None => Err(AbortReason::Permission),
+                };
+                msg.tx.send(answer).await.ok();
+            }
+            ProviderMessage::ConnectionClosed(msg) => {
+                peers.remove(&msg.connection_id);
+            }
+            ProviderMessage::GetRequestReceived(msg) => {
+                let hash = ContentHash::from_bytes(*msg.request.hash.as_bytes());
+                let allowed = match peers.get(&msg.connection_id).copied() {
+                    Some(peer) if msg.request.ranges.is_blob() => state
+                        .call(move |s| s.may_serve(&hash, &peer).unwrap_or(false))
+                        .await
+                        .unwrap_or(false),
+                    _ => false,
+                };
+                if !allowed {
+                    tracing::debug!(%hash, "refused a blob request");
+                }
+                let answer = if allowed {
+                    Ok(())
+                } else {
+                    Err(AbortReason::Permission)
+                };
+                msg.tx.send(answer).await.ok();
+            }
+            ProviderMessage::GetManyRequestReceived(msg) => {
+                msg.tx.send(Err(AbortReason::Permission)).await.ok();
+            }
+            ProviderMessage::PushRequestReceived(msg) => {
+                msg.tx.send(Err(AbortReason::Permission)).await.ok();
+            }
+            ProviderMessage::ObserveRequestReceived(msg) => {
+                msg.tx.send(Err(AbortReason::Permission)).await.ok();
+            }
+            ProviderMessage::Throttle(msg) => {
+                msg.tx.send(Ok(())).await.ok();
+            }
+            _ => {}
+        }
+    }
 }
 
 async fn gossip_loop(

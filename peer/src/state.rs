@@ -16,13 +16,14 @@ use std::time::{Duration, Instant};
 use bincode::{Decode, Encode};
 use cohort_protocol::types::rpc::Head;
 use cohort_protocol::types::{
-    AccessPolicy, Announcement, DatanetId, Manifest, RecordSchema, ShardEntry, ShardInfo,
-    ShardSubmission, Timestamp, Verdict,
+    AccessPolicy, Announcement, DatanetId, Grant, Manifest, RecordSchema, Revocation, ShardEntry,
+    ShardInfo, ShardSubmission, Timestamp, Verdict,
 };
 use cohort_protocol::{Canonical, ContentHash, Keypair, PeerId, Signed};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::crypto::{self, DatanetKey};
 use crate::store::{Batch, Cf, Store, StoreError};
 
 const KEY_ANNOUNCE_SEQ: &[u8] = b"announce_seq";
@@ -201,6 +202,23 @@ fn decode<T: Canonical>(cf: Cf, bytes: &[u8]) -> Result<T, StateError> {
     })
 }
 
+/// `k` ++ datanet ++ epoch (big-endian): a datanet key this peer holds.
+fn key_key(id: &DatanetId, epoch: u32) -> Vec<u8> {
+    let mut k = b"k".to_vec();
+    k.extend_from_slice(id.0.as_bytes());
+    k.extend_from_slice(&epoch.to_be_bytes());
+    k
+}
+
+/// `g` ++ datanet ++ grantee ++ epoch (big-endian): a grant this owner issued.
+fn grant_key(id: &DatanetId, grantee: &PeerId, epoch: u32) -> Vec<u8> {
+    let mut k = b"g".to_vec();
+    k.extend_from_slice(id.0.as_bytes());
+    k.extend_from_slice(grantee.as_bytes());
+    k.extend_from_slice(&epoch.to_be_bytes());
+    k
+}
+
 fn cat(a: &[u8], b: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(a.len() + b.len());
     k.extend_from_slice(a);
@@ -377,8 +395,217 @@ impl State {
             id.0.as_bytes(),
             &record.to_bytes(),
         );
+        if let AccessPolicy::Allowlist { key_epoch, .. } = &record.access {
+            self.put_key(&mut batch, &id, *key_epoch, &crypto::new_key());
+        }
         self.store.write(batch)?;
         Ok(record)
+    }
+
+    fn put_key(&self, batch: &mut Batch, id: &DatanetId, epoch: u32, key: &DatanetKey) {
+        self.store
+            .put(batch, Cf::Grants, &key_key(id, epoch), key.as_slice());
+    }
+
+    /// The datanet key of `epoch`, if this peer holds it (the owner, or a grantee that fetched
+    /// its grant).
+    pub fn datanet_key(
+        &self,
+        id: &DatanetId,
+        epoch: u32,
+    ) -> Result<Option<DatanetKey>, StateError> {
+        Ok(self
+            .store
+            .get(Cf::Grants, &key_key(id, epoch))?
+            .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok()))
+    }
+
+    /// Stores a key received in a grant.
+    pub fn store_key(
+        &mut self,
+        id: &DatanetId,
+        epoch: u32,
+        key: &DatanetKey,
+    ) -> Result<(), StateError> {
+        let mut batch = Batch::default();
+        self.put_key(&mut batch, id, epoch, key);
+        Ok(self.store.write(batch)?)
+    }
+
+    /// Whether `peer` may read datanet `id` (public, or owner, or a grantee as of the latest
+    /// version or grant this peer knows).
+    pub fn may_read(&self, id: &DatanetId, peer: &PeerId) -> Result<bool, StateError> {
+        Ok(match self.datanet(id)? {
+            None => false,
+            Some(d) => match &d.access {
+                AccessPolicy::Public => true,
+                AccessPolicy::Allowlist { grantees, .. } => {
+                    d.owner == *peer || grantees.binary_search(peer).is_ok()
+                }
+            },
+        })
+    }
+
+    /// Whether this peer may serve blob `hash` to `peer`: only recorded shards, and private
+    /// ones only to the owner and grantees.
+    pub fn may_serve(&self, hash: &ContentHash, peer: &PeerId) -> Result<bool, StateError> {
+        match self.store.get(Cf::Shards, hash.as_bytes())? {
+            None => Ok(false),
+            Some(v) => {
+                let local: LocalShard = decode(Cf::Shards, &v)?;
+                self.may_read(&local.datanet, peer)
+            }
+        }
+    }
+
+    /// Grants `grantee` read access to an owned private datanet: adds it to the allowlist (in
+    /// the next version) and wraps every key epoch to it. One batch.
+    pub fn grant(
+        &mut self,
+        keypair: &Keypair,
+        name_or_id: &str,
+        grantee: PeerId,
+    ) -> Result<Vec<Signed<Grant>>, StateError> {
+        let mut d = self.resolve(name_or_id)?;
+        if d.owner != keypair.peer_id() {
+            return Err(StateError::NotOwner(name_or_id.to_owned()));
+        }
+        let AccessPolicy::Allowlist {
+            grantees,
+            key_epoch,
+        } = &mut d.access
+        else {
+            return Err(StateError::Invalid(format!(
+                "datanet `{}` is public",
+                d.name
+            )));
+        };
+        if grantee == d.owner {
+            return Err(StateError::Invalid("the owner needs no grant".into()));
+        }
+        if let Err(at) = grantees.binary_search(&grantee) {
+            grantees.insert(at, grantee);
+        }
+        let epoch_now = *key_epoch;
+        let mut batch = Batch::default();
+        let mut out = Vec::new();
+        for epoch in 0..=epoch_now {
+            let Some(key) = self.datanet_key(&d.id, epoch)? else {
+                continue;
+            };
+            let g = self.sign_grant(keypair, &d.id, grantee, epoch, &key)?;
+            self.store.put(
+                &mut batch,
+                Cf::Grants,
+                &grant_key(&d.id, &grantee, epoch),
+                &g.to_bytes(),
+            );
+            out.push(g);
+        }
+        self.store
+            .put(&mut batch, Cf::Datanets, d.id.0.as_bytes(), &d.to_bytes());
+        self.store.write(batch)?;
+        Ok(out)
+    }
+
+    fn sign_grant(
+        &self,
+        keypair: &Keypair,
+        id: &DatanetId,
+        grantee: PeerId,
+        epoch: u32,
+        key: &DatanetKey,
+    ) -> Result<Signed<Grant>, StateError> {
+        let wrapped_key = crypto::wrap_key(key, id, epoch, &grantee)
+            .map_err(|e| StateError::Invalid(e.to_string()))?;
+        let grant = Grant {
+            datanet: *id,
+            grantee,
+            key_epoch: epoch,
+            wrapped_key,
+            granted_at: now(),
+        };
+        grant
+            .validate()
+            .map_err(|e| StateError::Invalid(e.to_string()))?;
+        Ok(Signed::sign(keypair, &grant))
+    }
+
+    /// Revokes `grantee`: removes it from the allowlist, rotates to a new key epoch for shards
+    /// added from now on, and wraps the new key to the remaining grantees. One batch.
+    pub fn revoke(
+        &mut self,
+        keypair: &Keypair,
+        name_or_id: &str,
+        grantee: PeerId,
+    ) -> Result<Signed<Revocation>, StateError> {
+        let mut d = self.resolve(name_or_id)?;
+        if d.owner != keypair.peer_id() {
+            return Err(StateError::NotOwner(name_or_id.to_owned()));
+        }
+        let next_version = d.head.map_or(1, |h| h.version + 1);
+        let AccessPolicy::Allowlist {
+            grantees,
+            key_epoch,
+        } = &mut d.access
+        else {
+            return Err(StateError::Invalid(format!(
+                "datanet `{}` is public",
+                d.name
+            )));
+        };
+        let Ok(at) = grantees.binary_search(&grantee) else {
+            return Err(StateError::Invalid(format!("{grantee} holds no grant")));
+        };
+        grantees.remove(at);
+        *key_epoch += 1;
+        let epoch = *key_epoch;
+        let remaining = grantees.clone();
+        let key = crypto::new_key();
+        let mut batch = Batch::default();
+        self.put_key(&mut batch, &d.id, epoch, &key);
+        for g in remaining {
+            let signed = self.sign_grant(keypair, &d.id, g, epoch, &key)?;
+            self.store.put(
+                &mut batch,
+                Cf::Grants,
+                &grant_key(&d.id, &g, epoch),
+                &signed.to_bytes(),
+            );
+        }
+        let revocation = Revocation {
+            datanet: d.id,
+            grantee,
+            from_version: next_version,
+            new_key_epoch: epoch,
+            revoked_at: now(),
+        };
+        let signed = Signed::sign(keypair, &revocation);
+        let mut rkey = b"r".to_vec();
+        rkey.extend_from_slice(d.id.0.as_bytes());
+        rkey.extend_from_slice(grantee.as_bytes());
+        self.store
+            .put(&mut batch, Cf::Grants, &rkey, &signed.to_bytes());
+        self.store
+            .put(&mut batch, Cf::Datanets, d.id.0.as_bytes(), &d.to_bytes());
+        self.store.write(batch)?;
+        Ok(signed)
+    }
+
+    /// The grants issued to `peer` for datanet `id`, by epoch.
+    pub fn grants_for(
+        &self,
+        id: &DatanetId,
+        peer: &PeerId,
+    ) -> Result<Vec<Signed<Grant>>, StateError> {
+        let mut prefix = b"g".to_vec();
+        prefix.extend_from_slice(id.0.as_bytes());
+        prefix.extend_from_slice(peer.as_bytes());
+        self.store
+            .scan_prefix(Cf::Grants, &prefix)?
+            .iter()
+            .map(|(_, v)| decode(Cf::Grants, v))
+            .collect()
     }
 
     fn draft(
@@ -414,6 +641,7 @@ impl State {
         &mut self,
         id: &DatanetId,
         contributor: PeerId,
+        key_epoch: Option<u32>,
         shards: &[(ShardInfo, Vec<ContentHash>)],
     ) -> Result<(), StateError> {
         let mut batch = Batch::default();
@@ -421,7 +649,7 @@ impl State {
             let entry = ShardEntry {
                 info: *info,
                 contributor,
-                key_epoch: None,
+                key_epoch,
             };
             self.store.put(
                 &mut batch,
@@ -972,6 +1200,7 @@ mod tests {
             .commit_shards(
                 &owner.resolve("n").unwrap().id,
                 me,
+                None,
                 &[(info(1), vec![ContentHash::of(b"r1")])],
             )
             .unwrap();
@@ -981,7 +1210,9 @@ mod tests {
             Err(StateError::Nothing(_))
         ));
         let id = owner.resolve("n").unwrap().id;
-        owner.commit_shards(&id, me, &[(info(2), vec![])]).unwrap();
+        owner
+            .commit_shards(&id, me, None, &[(info(2), vec![])])
+            .unwrap();
         let v2 = owner.publish(&kp, "n").unwrap();
         let m2 = v2.verify().unwrap();
         assert_eq!(m2.version, 2);
@@ -1037,6 +1268,68 @@ mod tests {
             Err(Rejection::BadSignature)
         );
         assert_eq!(peer.rejections()[&from].values().sum::<u64>(), 2);
+    }
+
+    #[test]
+    fn grants_and_revocations_rotate_keys_and_gate_reading() {
+        let (_d, mut owner, kp) = state();
+        let me = kp.peer_id();
+        let b = Keypair::from_seed(&[11; 32]);
+        let c = Keypair::from_seed(&[12; 32]);
+        let d = owner
+            .create_datanet(
+                me,
+                "p".into(),
+                String::new(),
+                "MIT".into(),
+                RecordSchema::Chat,
+                AccessPolicy::Allowlist {
+                    grantees: vec![],
+                    key_epoch: 0,
+                },
+            )
+            .unwrap();
+        let k0 = owner.datanet_key(&d.id, 0).unwrap().unwrap();
+        assert!(!owner.may_read(&d.id, &b.peer_id()).unwrap());
+        let grants = owner.grant(&kp, "p", b.peer_id()).unwrap();
+        owner.grant(&kp, "p", c.peer_id()).unwrap();
+        assert_eq!(grants.len(), 1);
+        let g = grants[0].verify().unwrap();
+        assert_eq!(
+            crypto::unwrap_key(&b, &d.id, 0, &g.wrapped_key).unwrap(),
+            k0
+        );
+        assert!(owner.may_read(&d.id, &b.peer_id()).unwrap());
+        assert!(owner.may_read(&d.id, &me).unwrap());
+
+        owner.revoke(&kp, "p", b.peer_id()).unwrap();
+        assert!(!owner.may_read(&d.id, &b.peer_id()).unwrap());
+        let k1 = owner.datanet_key(&d.id, 1).unwrap().unwrap();
+        assert_ne!(k0, k1);
+        // C receives the new epoch, B does not.
+        let for_c = owner.grants_for(&d.id, &c.peer_id()).unwrap();
+        assert_eq!(for_c.len(), 2);
+        let g1 = for_c[1].verify().unwrap();
+        assert_eq!(g1.key_epoch, 1);
+        assert_eq!(
+            crypto::unwrap_key(&c, &d.id, 1, &g1.wrapped_key).unwrap(),
+            k1
+        );
+        assert!(
+            owner
+                .grants_for(&d.id, &b.peer_id())
+                .unwrap()
+                .iter()
+                .all(|g| g.verify().unwrap().key_epoch == 0)
+        );
+        let v1 = owner.publish(&kp, "p").unwrap().verify().unwrap();
+        assert_eq!(
+            v1.access,
+            AccessPolicy::Allowlist {
+                grantees: vec![c.peer_id()],
+                key_epoch: 1
+            }
+        );
     }
 
     #[test]

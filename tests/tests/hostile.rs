@@ -114,8 +114,8 @@ fn a_tampered_manifest_is_rejected_and_counted_against_its_server() {
     a.json(&["datanet", "add", "honest", f.to_str().unwrap()]);
     a.json(&["datanet", "publish", "honest"]);
 
-    // H copies version 1, then (offline) edits it in its own store: same signature, new text,
-    // stored as the head under its new hash.
+    // H copies version 1, then (offline) edits it in its own store and re-signs it with its
+    // own key, stored as the head under its new hash.
     let h_dir = tmp.path().join("h");
     let mut h = Node::start(&h_dir, &["--bootstrap", &a.bootstrap]);
     let real = h.wait_for_version("honest", 1);
@@ -134,13 +134,10 @@ fn a_tampered_manifest_is_rejected_and_counted_against_its_server() {
         .unwrap();
         let mut m = signed.verify().unwrap();
         m.description = "free crypto here".into();
-        let tampered = Signed::<Manifest>::from_parts(
-            signed.domain().to_owned(),
-            signed.version(),
-            signed.signer(),
-            m.to_bytes(),
-            *signed.signature(),
-        );
+        // H cannot forge the owner's signature, so it signs the edit with its own key (a
+        // manifest edited under the owner's old signature is refused by the unit tests of
+        // `State::ingest_manifest`; the node never serves a manifest that does not verify).
+        let tampered = Signed::sign(&key, &m);
         let id: ContentHash = real["id"].as_str().unwrap().parse().unwrap();
         let mut record =
             DatanetRecord::from_bytes(&store.get(Cf::Datanets, id.as_bytes()).unwrap().unwrap())
@@ -165,13 +162,10 @@ fn a_tampered_manifest_is_rejected_and_counted_against_its_server() {
         std::time::Duration::from_secs(60),
         || {
             let c = rejected(&e, &h.id);
-            c["bad_signature"]
-                .as_u64()
-                .is_some_and(|n| n >= 1)
-                .then_some(c)
+            c["invalid"].as_u64().is_some_and(|n| n >= 1).then_some(c)
         },
     );
-    assert!(counts["bad_signature"].as_u64().unwrap() >= 1);
+    assert!(counts["invalid"].as_u64().unwrap() >= 1, "{counts}");
     // E never stores it: it holds no version with the tampered text.
     if let Some(d) = e.datanet("honest") {
         assert_ne!(d["description"], "free crypto here", "{d}");

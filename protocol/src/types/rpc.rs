@@ -8,7 +8,7 @@
 
 use bincode::{Decode, Encode};
 
-use super::datanet::{DatanetId, Manifest, ShardSubmission};
+use super::datanet::{DatanetId, Grant, Manifest, ShardSubmission};
 use crate::hash::ContentHash;
 use crate::signed::Signed;
 
@@ -48,6 +48,11 @@ pub enum RequestBody {
         /// The contributor's signed submission.
         submission: Signed<ShardSubmission>,
     },
+    /// The caller's grants (wrapped datanet keys) for a private datanet.
+    GetGrants {
+        /// The datanet.
+        datanet: DatanetId,
+    },
 }
 
 /// One datanet's latest version, as a peer knows it.
@@ -80,5 +85,10 @@ pub enum Response {
     Refused {
         /// Why.
         reason: String,
+    },
+    /// Answer to [`RequestBody::GetGrants`]: every key epoch granted to the caller.
+    Grants {
+        /// Sorted by key epoch.
+        grants: Vec<Signed<Grant>>,
     },
 }
