@@ -1,6 +1,8 @@
 //! `cohort`: the command-line interface of a Cohort peer.
 #![allow(clippy::print_stdout)]
 
+mod bench;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -71,6 +73,11 @@ enum Command {
     Datanet {
         #[command(subcommand)]
         command: DatanetCommand,
+    },
+    /// Benchmarks between real `cohort up` processes on loopback.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
     },
     /// Tools for tests: send raw bytes to a peer.
     #[command(hide = true)]
@@ -183,6 +190,34 @@ enum DatanetCommand {
         /// Why it is rejected.
         #[arg(long)]
         reason: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Shard transfer throughput between two nodes, side by side with plain iroh-blobs.
+    Transfer {
+        /// MiB of records to import and transfer.
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        /// Largest shard, in MiB.
+        #[arg(long, default_value_t = 64)]
+        shard_mib: u64,
+        /// Scratch directory (removed afterwards).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
+    /// Time from publish until every node of a network holds the new manifest.
+    Publish {
+        /// Nodes, the owner included.
+        #[arg(long, default_value_t = 10)]
+        nodes: usize,
+        /// Versions to publish (one sample each).
+        #[arg(long, default_value_t = 5)]
+        rounds: u64,
+        /// Scratch directory (removed afterwards).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
     },
 }
 
@@ -588,6 +623,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print(&cli, &v, |v| format!("pulled {} manifests", v["pulled"]));
         }
         Command::Datanet { command } => datanet(&cli, command)?,
+        Command::Bench { command } => {
+            let scratch = |w: &Option<PathBuf>| {
+                w.clone().unwrap_or_else(|| {
+                    std::env::temp_dir().join(format!("cohort-bench-{}", std::process::id()))
+                })
+            };
+            match command {
+                BenchCommand::Transfer {
+                    mib,
+                    shard_mib,
+                    work_dir,
+                } => bench::transfer(&scratch(work_dir), *mib, *shard_mib)?,
+                BenchCommand::Publish {
+                    nodes,
+                    rounds,
+                    work_dir,
+                } => bench::publish(&scratch(work_dir), *nodes, *rounds)?,
+            }
+        }
         Command::Debug {
             command: DebugCommand::Send { to, file },
         } => {
