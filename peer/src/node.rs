@@ -12,7 +12,7 @@
 //! join the tasks, shut the router down (gossip, blobs and the blob store with it), stop the
 //! state actor (closing rocksdb), remove `node.json`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -53,6 +53,8 @@ use crate::state::{Ingested, Rejection, State, StateGone, StateHandle};
 pub const NODE_FILE: &str = "node.json";
 /// The name of the HTTP API's bearer token file (mode 0600).
 pub const TOKEN_FILE: &str = "api.token";
+/// Most peers remembered for anti-entropy.
+pub const MAX_KNOWN_PEERS: usize = 256;
 /// How long connecting to a blob provider may take before the next one is tried.
 const BLOB_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Gossip's message limit; announcements are checked against a smaller one before sending.
@@ -242,10 +244,13 @@ impl Node {
         self.keypair.peer_id()
     }
 
-    /// Remembers a peer for anti-entropy.
+    /// Remembers a peer for anti-entropy (at most [`MAX_KNOWN_PEERS`]).
     pub fn learn(&self, peer: PeerId) {
         if peer != self.me() {
-            lock(&self.known).insert(peer);
+            let mut known = lock(&self.known);
+            if known.len() < MAX_KNOWN_PEERS {
+                known.insert(peer);
+            }
         }
     }
 
@@ -326,53 +331,77 @@ impl Node {
         Ok(())
     }
 
-    /// Downloads one blob from `provider`, verified against its hash by iroh-blobs. A stream
-    /// that does not match the hash penalises the provider.
-    pub async fn fetch_blob(&self, provider: PeerId, hash: ContentHash) -> Result<(), FetchError> {
-        let conn = tokio::time::timeout(
-            BLOB_CONNECT_TIMEOUT,
-            self.endpoint
-                .connect(endpoint_id(&provider), iroh_blobs::ALPN),
-        )
-        .await
-        .map_err(|_| FetchError::Unreachable("timed out".into()))?
-        .map_err(|e| FetchError::Unreachable(e.to_string()))?;
+    /// Downloads one blob from `provider`, verified against its hash by iroh-blobs, over a
+    /// connection kept in `conns` for the provider's next blobs. A stream that does not match
+    /// the hash, or a transfer that fails once connected, penalises the provider.
+    pub async fn fetch_blob(
+        &self,
+        conns: &mut BlobConnections,
+        provider: PeerId,
+        hash: ContentHash,
+    ) -> Result<(), FetchError> {
+        if conns.unreachable.contains(&provider) {
+            return Err(FetchError::Unreachable(
+                "unreachable earlier in this fetch".into(),
+            ));
+        }
+        let conn = match conns.open.get(&provider) {
+            Some(c) => c.clone(),
+            None => {
+                let connected = tokio::time::timeout(
+                    BLOB_CONNECT_TIMEOUT,
+                    self.endpoint
+                        .connect(endpoint_id(&provider), iroh_blobs::ALPN),
+                )
+                .await;
+                match connected {
+                    Ok(Ok(c)) => {
+                        conns.open.insert(provider, c.clone());
+                        c
+                    }
+                    Ok(Err(e)) => {
+                        conns.unreachable.insert(provider);
+                        return Err(FetchError::Unreachable(e.to_string()));
+                    }
+                    Err(_) => {
+                        conns.unreachable.insert(provider);
+                        return Err(FetchError::Unreachable("timed out".into()));
+                    }
+                }
+            }
+        };
         let result = self
             .blobs
             .remote()
-            .fetch(conn.clone(), iroh_blobs::Hash::from_bytes(*hash.as_bytes()))
+            .fetch(conn, iroh_blobs::Hash::from_bytes(*hash.as_bytes()))
             .complete()
             .await;
-        conn.close(0u32.into(), b"done");
-        match result {
-            Ok(_) => Ok(()),
+        let why = match result {
+            Ok(_) => return Ok(()),
             Err(iroh_blobs::get::GetError::Decode { source, .. }) => {
-                self.state
-                    .call(move |s| s.reject(provider, Rejection::BadShard))
-                    .await
-                    .ok();
-                Err(FetchError::Corrupt(source.to_string()))
+                (Rejection::BadShard, FetchError::Corrupt(source.to_string()))
             }
-            Err(e) => {
-                self.state
-                    .call(move |s| s.reject(provider, Rejection::FailedTransfer))
-                    .await
-                    .ok();
-                Err(FetchError::Failed(e.to_string()))
-            }
+            Err(e) => (Rejection::FailedTransfer, FetchError::Failed(e.to_string())),
+        };
+        if let Some(c) = conns.open.remove(&provider) {
+            c.close(1u32.into(), b"failed");
         }
+        let (rejection, error) = why;
+        self.state
+            .call(move |s| s.reject(provider, rejection))
+            .await
+            .ok();
+        Err(error)
     }
 
-    /// Fetches every listed shard not held yet from any provider (the owner and indexed
-    /// providers, least penalised first), records them and announces them.
-    pub async fn fetch_shards(
+    async fn fetch_shards_with(
         &self,
-        datanet: cohort_protocol::types::DatanetId,
-        owner: PeerId,
+        conns: &mut BlobConnections,
+        report: &mut FetchReport,
+        fetched: &mut Vec<ShardInfo>,
         shards: &[ShardInfo],
-    ) -> Result<FetchReport, String> {
-        let mut report = FetchReport::default();
-        let mut fetched = Vec::new();
+    ) -> Result<(), String> {
+        let owner = conns.owner;
         for info in shards {
             let hash = info.hash;
             let held = self
@@ -402,7 +431,7 @@ impl Node {
             let mut ok = false;
             let mut errors = Vec::new();
             for (p, _) in order {
-                match self.fetch_blob(p, hash).await {
+                match self.fetch_blob(conns, p, hash).await {
                     Ok(()) => {
                         ok = true;
                         break;
@@ -436,6 +465,31 @@ impl Node {
             report.fetched += 1;
             report.bytes += info.bytes;
         }
+        Ok(())
+    }
+
+    /// Fetches every listed shard not held yet from any provider (the owner and indexed
+    /// providers, least penalised first), records them and announces them.
+    pub async fn fetch_shards(
+        &self,
+        datanet: cohort_protocol::types::DatanetId,
+        owner: PeerId,
+        shards: &[ShardInfo],
+    ) -> Result<FetchReport, String> {
+        let mut report = FetchReport::default();
+        let mut fetched = Vec::new();
+        let mut conns = BlobConnections {
+            owner,
+            open: BTreeMap::new(),
+            unreachable: BTreeSet::new(),
+        };
+        let result = self
+            .fetch_shards_with(&mut conns, &mut report, &mut fetched, shards)
+            .await;
+        for c in conns.open.into_values() {
+            c.close(0u32.into(), b"done");
+        }
+        // What arrived before a failure is recorded too.
         if !fetched.is_empty() {
             self.blobs
                 .sync_db()
@@ -453,6 +507,7 @@ impl Node {
                 tracing::warn!("announcing fetched shards: {e}");
             }
         }
+        result?;
         Ok(report)
     }
 
@@ -614,6 +669,14 @@ impl Node {
         }
         Ok(pulled)
     }
+}
+
+/// Connections to blob providers during one fetch, and the providers found unreachable.
+#[derive(Debug)]
+pub struct BlobConnections {
+    owner: PeerId,
+    open: BTreeMap<PeerId, Connection>,
+    unreachable: BTreeSet<PeerId>,
 }
 
 /// Why a blob download failed.
@@ -1165,6 +1228,11 @@ async fn gossip_loop(
     }
 }
 
+/// Sync jobs run at once; the rest wait in order.
+const MAX_SYNC_JOBS: usize = 8;
+/// Sync jobs waiting at most; more are dropped (the periodic round catches up).
+const MAX_QUEUED_SYNC_JOBS: usize = 1024;
+
 async fn sync_loop(
     node: Arc<Node>,
     mut rx: mpsc::Receiver<SyncJob>,
@@ -1173,27 +1241,61 @@ async fn sync_loop(
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut running: JoinSet<SyncJob> = JoinSet::new();
+    let mut queue: std::collections::VecDeque<SyncJob> = std::collections::VecDeque::new();
+    // Peers with a heads exchange queued or running: a slow or dead peer is asked once at a
+    // time, and never holds up pulls for announcements.
+    let mut heads_busy: BTreeSet<PeerId> = BTreeSet::new();
+    let push = |job: SyncJob,
+                queue: &mut std::collections::VecDeque<SyncJob>,
+                heads_busy: &mut BTreeSet<PeerId>| {
+        if let SyncJob::Heads(p) = &job
+            && !heads_busy.insert(*p)
+        {
+            return;
+        }
+        if queue.len() < MAX_QUEUED_SYNC_JOBS {
+            queue.push_back(job);
+        } else if let SyncJob::Heads(p) = &job {
+            heads_busy.remove(p);
+        }
+    };
     loop {
-        let job = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            j = rx.recv() => match j { Some(j) => vec![j], None => break },
-            _ = tick.tick() => node.known_peers().into_iter().map(SyncJob::Heads).collect(),
-        };
-        for j in job {
-            let work = async {
-                match &j {
+        while running.len() < MAX_SYNC_JOBS {
+            let Some(job) = queue.pop_front() else { break };
+            let node = node.clone();
+            running.spawn(async move {
+                let r = match &job {
                     SyncJob::Heads(peer) => node.sync_with(*peer).await.map(|_| ()),
                     SyncJob::Pull { peer, hash } => {
                         node.pull_manifest(*peer, *hash).await.map(|_| ())
                     }
+                };
+                if let Err(e) = r {
+                    tracing::debug!("sync {job:?}: {e}");
                 }
-            };
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return,
-                r = work => if let Err(e) = r { tracing::debug!("sync {j:?}: {e}") },
+                job
+            });
+        }
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                if let Ok(SyncJob::Heads(p)) = done {
+                    heads_busy.remove(&p);
+                }
+            }
+            j = rx.recv() => match j {
+                Some(j) => push(j, &mut queue, &mut heads_busy),
+                None => break,
+            },
+            _ = tick.tick() => {
+                for p in node.known_peers() {
+                    push(SyncJob::Heads(p), &mut queue, &mut heads_busy);
+                }
             }
         }
     }
+    running.abort_all();
+    while running.join_next().await.is_some() {}
 }

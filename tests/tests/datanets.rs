@@ -117,8 +117,16 @@ fn a_late_joiner_catches_up_by_anti_entropy() {
     let v2 = a.json(&["datanet", "publish", "early"]);
     assert_eq!(v2["version"], 2);
 
-    // Both announcements went out before D existed: only anti-entropy can bring them.
-    let d = Node::start(&tmp.path().join("d"), &["--bootstrap", &a.bootstrap]);
+    // Both announcements went out before D existed: only anti-entropy can bring them. D also
+    // knows a peer that never answers; it must not hold the sync up.
+    let dead = cohort_protocol::Keypair::from_seed(&[99; 32])
+        .peer_id()
+        .to_string()
+        + "@127.0.0.1:9";
+    let d = Node::start(
+        &tmp.path().join("d"),
+        &["--bootstrap", &dead, "--bootstrap", &a.bootstrap],
+    );
     let seen = d.wait_for_version("early", 2);
     assert_eq!(seen["manifest"], v2["manifest"]);
     assert_eq!(
