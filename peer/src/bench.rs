@@ -155,7 +155,8 @@ fn mib_s(bytes: u64, d: Duration) -> f64 {
 }
 
 /// `cohort bench transfer`.
-pub fn transfer(work: &Path, mib: u64, shard_mib: u64) -> anyhow::Result<()> {
+pub fn transfer(work: &Path, mib: u64, shard_mib: u64, rounds: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(rounds >= 1, "at least one round");
     std::fs::create_dir_all(work)?;
     let jsonl = work.join("records.jsonl");
     let records = write_records(&jsonl, mib)?;
@@ -163,7 +164,6 @@ pub fn transfer(work: &Path, mib: u64, shard_mib: u64) -> anyhow::Result<()> {
     println!("generated {records} records, {file_bytes} bytes of JSONL");
 
     let a = Proc::start(&work.join("owner"), None)?;
-    let b = Proc::start(&work.join("fetcher"), Some(&a.client.node.bootstrap))?;
     let created = a.client.post(
         "/api/datanets",
         &json!({"name": "bench", "schema": "chat", "license": "CC0-1.0"}),
@@ -197,44 +197,55 @@ pub fn transfer(work: &Path, mib: u64, shard_mib: u64) -> anyhow::Result<()> {
         mib_s(file_bytes, import),
         published["version"]
     );
-    wait_version(&b.client, &id, 1, Duration::from_secs(60))?;
 
+    // Alternate plain and cohort fetches, each into a fresh store (a fresh node for cohort),
+    // so that load from other processes on the machine hits both alike.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let (p1_bytes, p1) = rt.block_on(plain_fetch(&work.join("plain1"), &a.client.node, &shards))?;
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let plain_dir = work.join(format!("plain{round}"));
+        let (p_bytes, p) = rt.block_on(plain_fetch(&plain_dir, &a.client.node, &shards))?;
+        std::fs::remove_dir_all(&plain_dir).ok();
+        anyhow::ensure!(
+            p_bytes == shard_bytes,
+            "plain fetched {p_bytes} of {shard_bytes} bytes"
+        );
+        let fetcher = Proc::start(
+            &work.join(format!("fetcher{round}")),
+            Some(&a.client.node.bootstrap),
+        )?;
+        wait_version(&fetcher.client, &id, 1, Duration::from_secs(60))?;
+        let t = Instant::now();
+        let fetched = fetcher
+            .client
+            .post(&format!("/api/datanets/{id}/fetch"), &json!({}))?;
+        let cohort = t.elapsed();
+        let c_bytes = fetched["report"]["bytes"].as_u64().unwrap_or(0);
+        anyhow::ensure!(
+            c_bytes == shard_bytes,
+            "cohort fetched {c_bytes} of {shard_bytes} bytes"
+        );
+        drop(fetcher);
+        std::fs::remove_dir_all(work.join(format!("fetcher{round}"))).ok();
+        let ratio = mib_s(c_bytes, cohort) / mib_s(p_bytes, p);
+        println!(
+            "round {round}: plain iroh-blobs {:.2} s = {:.1} MiB/s; cohort datanet fetch {:.2} s = {:.1} MiB/s; ratio {ratio:.2}",
+            p.as_secs_f64(),
+            mib_s(p_bytes, p),
+            cohort.as_secs_f64(),
+            mib_s(c_bytes, cohort),
+        );
+        ratios.push(ratio);
+    }
+    ratios.sort_by(f64::total_cmp);
     println!(
-        "plain iroh-blobs fetch #1: {p1_bytes} bytes in {:.2} s = {:.1} MiB/s",
-        p1.as_secs_f64(),
-        mib_s(p1_bytes, p1)
+        "ratio cohort / plain iroh-blobs over {rounds} rounds: median {:.2} (min {:.2}, max {:.2})",
+        ratios[ratios.len() / 2],
+        ratios[0],
+        ratios[ratios.len() - 1]
     );
-    let t = Instant::now();
-    let fetched = b
-        .client
-        .post(&format!("/api/datanets/{id}/fetch"), &json!({}))?;
-    let cohort = t.elapsed();
-    let c_bytes = fetched["report"]["bytes"].as_u64().unwrap_or(0);
-    anyhow::ensure!(
-        c_bytes == shard_bytes,
-        "cohort fetched {c_bytes} of {shard_bytes} bytes"
-    );
-    println!(
-        "cohort datanet fetch:      {c_bytes} bytes in {:.2} s = {:.1} MiB/s",
-        cohort.as_secs_f64(),
-        mib_s(c_bytes, cohort)
-    );
-    let (p2_bytes, p2) = rt.block_on(plain_fetch(&work.join("plain2"), &a.client.node, &shards))?;
-    println!(
-        "plain iroh-blobs fetch #2: {p2_bytes} bytes in {:.2} s = {:.1} MiB/s",
-        p2.as_secs_f64(),
-        mib_s(p2_bytes, p2)
-    );
-    let plain = (mib_s(p1_bytes, p1) + mib_s(p2_bytes, p2)) / 2.0;
-    println!(
-        "ratio cohort / plain iroh-blobs (mean of both plain runs): {:.2}",
-        mib_s(c_bytes, cohort) / plain
-    );
-    drop(b);
     drop(a);
     std::fs::remove_dir_all(work).ok();
     Ok(())

@@ -203,6 +203,9 @@ enum BenchCommand {
         /// Largest shard, in MiB.
         #[arg(long, default_value_t = 64)]
         shard_mib: u64,
+        /// Plain/cohort fetch pairs to run.
+        #[arg(long, default_value_t = 3)]
+        rounds: u64,
         /// Scratch directory (removed afterwards).
         #[arg(long)]
         work_dir: Option<PathBuf>,
@@ -633,8 +636,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 BenchCommand::Transfer {
                     mib,
                     shard_mib,
+                    rounds,
                     work_dir,
-                } => bench::transfer(&scratch(work_dir), *mib, *shard_mib)?,
+                } => bench::transfer(&scratch(work_dir), *mib, *shard_mib, *rounds)?,
                 BenchCommand::Publish {
                     nodes,
                     rounds,
