@@ -231,6 +231,10 @@ pub fn transfer(work: &Path, mib: u64, shard_mib: u64, rounds: u64) -> anyhow::R
         std::fs::remove_dir_all(work.join(format!("fetcher{round}"))).ok();
         let ratio = mib_s(c_bytes, cohort) / mib_s(p_bytes, p);
         println!(
+            "round {round}: cohort node's own timing: {} ms in blob transfers, {} ms whole fetch",
+            fetched["report"]["transfer_ms"], fetched["report"]["total_ms"]
+        );
+        println!(
             "round {round}: plain iroh-blobs {:.2} s = {:.1} MiB/s; cohort datanet fetch {:.2} s = {:.1} MiB/s; ratio {ratio:.2}",
             p.as_secs_f64(),
             mib_s(p_bytes, p),

@@ -431,7 +431,10 @@ impl Node {
             let mut ok = false;
             let mut errors = Vec::new();
             for (p, _) in order {
-                match self.fetch_blob(conns, p, hash).await {
+                let t = Instant::now();
+                let got = self.fetch_blob(conns, p, hash).await;
+                report.transfer_ms += t.elapsed().as_millis() as u64;
+                match got {
                     Ok(()) => {
                         ok = true;
                         break;
@@ -476,6 +479,7 @@ impl Node {
         owner: PeerId,
         shards: &[ShardInfo],
     ) -> Result<FetchReport, String> {
+        let started = Instant::now();
         let mut report = FetchReport::default();
         let mut fetched = Vec::new();
         let mut conns = BlobConnections {
@@ -508,6 +512,7 @@ impl Node {
             }
         }
         result?;
+        report.total_ms = started.elapsed().as_millis() as u64;
         Ok(report)
     }
 
@@ -703,8 +708,12 @@ pub struct FetchReport {
     pub bytes: u64,
     /// Shards already held.
     pub already_held: u64,
-    /// Providers that served bytes not matching the hash.
+    /// Providers that served bytes not matching the hash, or failed mid-transfer.
     pub bad_providers: Vec<String>,
+    /// Milliseconds spent in blob transfers (connections included).
+    pub transfer_ms: u64,
+    /// Milliseconds for the whole fetch (checks, transfers, sync, record, announcement).
+    pub total_ms: u64,
 }
 
 /// Checks an announcement on the state actor: size, rate, encoding, signature, rules, replay.
