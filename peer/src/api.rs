@@ -556,6 +556,10 @@ async fn contribute(
             },
         );
         let hash = submission.hash();
+        let sent_copy = submission.clone();
+        node.state
+            .call(move |s| s.record_sent_submission(&sent_copy))
+            .await??;
         let response = crate::rpc::call(
             &node.endpoint,
             endpoint_id(&d.owner),
@@ -629,16 +633,46 @@ async fn approve(
         .fetch_shards(s.datanet, contributor, &[s.shard])
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e))?;
-    let me = node.me();
+    let kp = node.keypair.clone();
     let record = node
         .state
-        .call(move |st| st.decide(me, &id, Verdict::Approved { version: 0 }))
+        .call(move |st| st.decide(&kp, &id, Verdict::Approved { version: 0 }))
         .await??;
+    let notified = notify_contributor(&node, &record).await;
     Ok(Json(json!({
         "id": hash.to_string(),
         "status": record.status,
         "fetched": report,
+        "contributor_notified": notified,
     })))
+}
+
+/// Sends the signed decision to the contributor (best effort: the decision stands either way).
+async fn notify_contributor(node: &Node, record: &crate::state::SubmissionRecord) -> bool {
+    let Some(decision) = record.decision.clone() else {
+        return false;
+    };
+    let contributor = record.signed.signer();
+    match crate::rpc::call(
+        &node.endpoint,
+        endpoint_id(&contributor),
+        RequestBody::Decision { decision },
+    )
+    .await
+    {
+        Ok(RpcResponse::Accepted) => true,
+        Ok(other) => {
+            tracing::warn!(
+                "contributor {} refused the decision: {other:?}",
+                contributor.short()
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!("sending the decision to {}: {e}", contributor.short());
+            false
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -652,12 +686,12 @@ async fn reject(
     Path(id): Path<String>,
     Json(body): Json<RejectBody>,
 ) -> ApiResult {
-    let me = node.me();
+    let kp = node.keypair.clone();
     let record = node
         .state
         .call(move |st| {
             st.decide(
-                me,
+                &kp,
                 &id,
                 Verdict::Rejected {
                     reason: body.reason,
@@ -665,7 +699,10 @@ async fn reject(
             )
         })
         .await??;
-    Ok(Json(json!({ "status": record.status })))
+    let notified = notify_contributor(&node, &record).await;
+    Ok(Json(
+        json!({ "status": record.status, "contributor_notified": notified }),
+    ))
 }
 
 async fn sync_now(_auth: Authorized, State(node): State<AppState>) -> ApiResult {

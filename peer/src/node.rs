@@ -872,6 +872,16 @@ impl CohortProtocol {
                     },
                 }
             }
+            RequestBody::Decision { decision } => {
+                match state
+                    .call(move |s| s.receive_decision(remote, &decision))
+                    .await
+                {
+                    Ok(Ok(())) => Response::Accepted,
+                    Ok(Err(reason)) => Response::Refused { reason },
+                    Err(e) => internal(e),
+                }
+            }
             RequestBody::GetGrants { datanet } => {
                 match state.call(move |s| s.grants_for(&datanet, &remote)).await {
                     Ok(Ok(grants)) => Response::Grants { grants },

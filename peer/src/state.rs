@@ -17,7 +17,7 @@ use bincode::{Decode, Encode};
 use cohort_protocol::types::rpc::Head;
 use cohort_protocol::types::{
     AccessPolicy, Announcement, DatanetId, Grant, Manifest, RecordSchema, Revocation, ShardEntry,
-    ShardInfo, ShardSubmission, Timestamp, Verdict,
+    ShardInfo, ShardSubmission, SubmissionDecision, Timestamp, Verdict,
 };
 use cohort_protocol::{Canonical, ContentHash, Keypair, PeerId, Signed};
 use serde::Serialize;
@@ -88,6 +88,8 @@ pub struct SubmissionRecord {
     pub signed: Signed<ShardSubmission>,
     /// Where it stands.
     pub status: SubmissionStatus,
+    /// The owner's signed decision, once decided.
+    pub decision: Option<Signed<SubmissionDecision>>,
 }
 
 /// Why a state operation failed.
@@ -991,6 +993,7 @@ impl State {
         let record = SubmissionRecord {
             signed: signed.clone(),
             status: SubmissionStatus::Pending,
+            decision: None,
         };
         let mut batch = Batch::default();
         if self
@@ -1046,10 +1049,11 @@ impl State {
     /// already) or rejects a submission.
     pub fn decide(
         &mut self,
-        me: PeerId,
+        keypair: &Keypair,
         id: &str,
         verdict: Verdict,
     ) -> Result<SubmissionRecord, StateError> {
+        let me = keypair.peer_id();
         let (hash, mut record) = self.submission(id)?;
         if record.status != SubmissionStatus::Pending {
             return Err(StateError::Invalid(format!(
@@ -1067,6 +1071,22 @@ impl State {
             return Err(StateError::NotOwner(d.name));
         }
         let mut batch = Batch::default();
+        let verdict = match verdict {
+            Verdict::Approved { .. } => Verdict::Approved {
+                version: d.head.map_or(1, |h| h.version + 1),
+            },
+            other => other,
+        };
+        let decision = SubmissionDecision {
+            datanet: d.id,
+            submission: hash,
+            verdict: verdict.clone(),
+            decided_at: now(),
+        };
+        decision
+            .validate()
+            .map_err(|e| StateError::Invalid(e.to_string()))?;
+        record.decision = Some(Signed::sign(keypair, &decision));
         match verdict {
             Verdict::Approved { .. } => {
                 let entry = ShardEntry {
@@ -1104,6 +1124,83 @@ impl State {
         );
         self.store.write(batch)?;
         Ok(record)
+    }
+}
+
+impl State {
+    /// Records a submission this peer sent as a contributor.
+    pub fn record_sent_submission(
+        &mut self,
+        signed: &Signed<ShardSubmission>,
+    ) -> Result<(), StateError> {
+        let record = SubmissionRecord {
+            signed: signed.clone(),
+            status: SubmissionStatus::Pending,
+            decision: None,
+        };
+        let mut batch = Batch::default();
+        self.store.put(
+            &mut batch,
+            Cf::Submissions,
+            signed.hash().as_bytes(),
+            &record.to_bytes(),
+        );
+        Ok(self.store.write(batch)?)
+    }
+
+    /// Applies the owner's decision on a submission this peer sent. Anything else (not signed
+    /// by the datanet's owner, for an unknown or already decided submission) is counted
+    /// against `from`.
+    pub fn receive_decision(
+        &mut self,
+        from: PeerId,
+        signed: &Signed<SubmissionDecision>,
+    ) -> Result<(), String> {
+        let checked = (|| {
+            let d = signed.verify().map_err(|_| Rejection::BadSignature)?;
+            d.validate().map_err(|_| Rejection::Invalid)?;
+            let owner = self
+                .datanet(&d.datanet)
+                .map_err(|_| Rejection::Malformed)?
+                .ok_or(Rejection::Invalid)?
+                .owner;
+            if signed.signer() != owner {
+                return Err(Rejection::Invalid);
+            }
+            let mut record: SubmissionRecord = self
+                .store
+                .get(Cf::Submissions, d.submission.as_bytes())
+                .map_err(|_| Rejection::Malformed)?
+                .and_then(|v| SubmissionRecord::from_bytes(&v).ok())
+                .ok_or(Rejection::Invalid)?;
+            if record.status != SubmissionStatus::Pending {
+                return Err(Rejection::Replayed);
+            }
+            record.status = match &d.verdict {
+                Verdict::Approved { .. } => SubmissionStatus::Approved,
+                Verdict::Rejected { reason } => SubmissionStatus::Rejected {
+                    reason: reason.clone(),
+                },
+            };
+            record.decision = Some(signed.clone());
+            Ok((d.submission, record))
+        })();
+        match checked {
+            Ok((hash, record)) => {
+                let mut batch = Batch::default();
+                self.store.put(
+                    &mut batch,
+                    Cf::Submissions,
+                    hash.as_bytes(),
+                    &record.to_bytes(),
+                );
+                self.store.write(batch).map_err(|e| e.to_string())
+            }
+            Err(why) => {
+                self.reject(from, why);
+                Err(format!("decision rejected: {why:?}"))
+            }
+        }
     }
 }
 
@@ -1329,6 +1426,64 @@ mod tests {
                 grantees: vec![c.peer_id()],
                 key_epoch: 1
             }
+        );
+    }
+
+    #[test]
+    fn a_decision_is_applied_once_and_only_from_the_owner() {
+        let (_d, mut owner, okp) = state();
+        let (_d2, mut contrib, _) = state();
+        let ckp = Keypair::from_seed(&[21; 32]);
+        let d = owner
+            .create_datanet(
+                okp.peer_id(),
+                "n".into(),
+                String::new(),
+                "MIT".into(),
+                RecordSchema::Chat,
+                AccessPolicy::Public,
+            )
+            .unwrap();
+        let v1 = owner.publish(&okp, "n").unwrap();
+        contrib.ingest_manifest(okp.peer_id(), &v1).unwrap();
+        let sub = Signed::sign(
+            &ckp,
+            &ShardSubmission {
+                datanet: d.id,
+                base_version: 1,
+                shard: info(5),
+                note: String::new(),
+                submitted_at: now(),
+            },
+        );
+        contrib.record_sent_submission(&sub).unwrap();
+        owner
+            .receive_submission(okp.peer_id(), ckp.peer_id(), &sub)
+            .unwrap();
+        let decided = owner
+            .decide(
+                &okp,
+                &sub.hash().to_string(),
+                Verdict::Approved { version: 0 },
+            )
+            .unwrap();
+        let decision = decided.decision.unwrap();
+        assert_eq!(
+            decision.verify().unwrap().verdict,
+            Verdict::Approved { version: 2 }
+        );
+        // A decision signed by anyone but the owner is refused and counted.
+        let forged = Signed::sign(&ckp, &decision.verify().unwrap());
+        let mallory = Keypair::from_seed(&[22; 32]).peer_id();
+        assert!(contrib.receive_decision(mallory, &forged).is_err());
+        contrib.receive_decision(okp.peer_id(), &decision).unwrap();
+        assert!(contrib.receive_decision(okp.peer_id(), &decision).is_err());
+        let (_, mine) = contrib.submission(&sub.hash().to_string()).unwrap();
+        assert_eq!(mine.status, SubmissionStatus::Approved);
+        assert_eq!(contrib.rejections()[&mallory][&Rejection::Invalid], 1);
+        assert_eq!(
+            contrib.rejections()[&okp.peer_id()][&Rejection::Replayed],
+            1
         );
     }
 

@@ -377,6 +377,12 @@ fn rpc_frames() {
         }),
     ));
     text.push_str(&one(
+        "Request Decision",
+        &req(RequestBody::Decision {
+            decision: Signed::sign(&key(1), &decision()),
+        }),
+    ));
+    text.push_str(&one(
         "Response Heads",
         &Response::Heads {
             heads: vec![Head {

@@ -174,6 +174,16 @@ fn a_contribution_is_approved_into_the_next_version_with_its_contributor() {
 
     let approved = owner.json(&["datanet", "review", "--approve", &id[..12]]);
     assert_eq!(approved["status"]["state"], "approved");
+    assert_eq!(approved["contributor_notified"], true);
+    // The contributor holds the owner's signed decision.
+    let mine = contributor.json(&["datanet", "review"]);
+    let sub = mine["submissions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id.as_str())
+        .expect("the contributor lists its submission");
+    assert_eq!(sub["status"]["state"], "approved", "{mine}");
     let v2 = owner.json(&["datanet", "publish", "shared"]);
     assert_eq!(v2["version"], 2);
     assert_eq!(v2["records"], 15);

@@ -8,7 +8,7 @@
 
 use bincode::{Decode, Encode};
 
-use super::datanet::{DatanetId, Grant, Manifest, ShardSubmission};
+use super::datanet::{DatanetId, Grant, Manifest, ShardSubmission, SubmissionDecision};
 use crate::hash::ContentHash;
 use crate::signed::Signed;
 
@@ -52,6 +52,11 @@ pub enum RequestBody {
     GetGrants {
         /// The datanet.
         datanet: DatanetId,
+    },
+    /// The owner's decision on a submission, sent to its contributor.
+    Decision {
+        /// The owner's signed decision.
+        decision: Signed<SubmissionDecision>,
     },
 }
 
