@@ -530,12 +530,6 @@ async fn contribute(
             d.name
         )));
     }
-    if !matches!(d.access, AccessPolicy::Public) {
-        return Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "contributions to private datanets are not supported yet",
-        ));
-    }
     let (shards, read, duplicates) = import_into_blobs(&node, &d, &body, false, None).await?;
     let id = d.id;
     let infos: Vec<_> = shards.iter().map(|(i, _)| *i).collect();
@@ -633,10 +627,58 @@ async fn approve(
         .fetch_shards(s.datanet, contributor, &[s.shard])
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e))?;
+    // A private datanet's owner encrypts the contributed shard under the current key.
+    let d = node
+        .state
+        .call(move |st| st.datanet(&s.datanet))
+        .await??
+        .ok_or_else(|| ApiError::bad(format!("unknown datanet {}", s.datanet)))?;
+    let stored = match d.access {
+        AccessPolicy::Public => None,
+        AccessPolicy::Allowlist { key_epoch, .. } => {
+            let id = d.id;
+            let key = node
+                .state
+                .call(move |st| st.datanet_key(&id, key_epoch))
+                .await??
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "the datanet key is missing",
+                    )
+                })?;
+            let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e);
+            let plain = node
+                .blobs
+                .get_bytes(iroh_blobs::Hash::from_bytes(*s.shard.hash.as_bytes()))
+                .await
+                .map_err(|e| internal(e.to_string()))?;
+            let sealed = crate::crypto::encrypt_shard(&key, &id, key_epoch, &plain);
+            let bytes = sealed.len() as u64;
+            let tag = node
+                .blobs
+                .add_bytes(sealed)
+                .await
+                .map_err(|e| internal(e.to_string()))?;
+            node.blobs
+                .sync_db()
+                .await
+                .map_err(|e| internal(e.to_string()))?;
+            Some((
+                ShardInfo {
+                    hash: ContentHash::from_bytes(*tag.hash.as_bytes()),
+                    bytes,
+                    records: s.shard.records,
+                    tokens: s.shard.tokens,
+                },
+                key_epoch,
+            ))
+        }
+    };
     let kp = node.keypair.clone();
     let record = node
         .state
-        .call(move |st| st.decide(&kp, &id, Verdict::Approved { version: 0 }))
+        .call(move |st| st.decide(&kp, &id, Verdict::Approved { version: 0 }, stored))
         .await??;
     let notified = notify_contributor(&node, &record).await;
     Ok(Json(json!({
@@ -696,6 +738,7 @@ async fn reject(
                 Verdict::Rejected {
                     reason: body.reason,
                 },
+                None,
             )
         })
         .await??;

@@ -1047,11 +1047,14 @@ impl State {
 
     /// Approves (the shard becomes pending, credited to the contributor; its blob must be held
     /// already) or rejects a submission.
+    /// For a private datanet, `stored` is the shard as the owner encrypted it (its info and
+    /// key epoch); the manifest lists that, credited to the contributor.
     pub fn decide(
         &mut self,
         keypair: &Keypair,
         id: &str,
         verdict: Verdict,
+        stored: Option<(ShardInfo, u32)>,
     ) -> Result<SubmissionRecord, StateError> {
         let me = keypair.peer_id();
         let (hash, mut record) = self.submission(id)?;
@@ -1089,25 +1092,36 @@ impl State {
         record.decision = Some(Signed::sign(keypair, &decision));
         match verdict {
             Verdict::Approved { .. } => {
+                let private = matches!(d.access, AccessPolicy::Allowlist { .. });
+                if private != stored.is_some() {
+                    return Err(StateError::Invalid(
+                        "a private datanet's shards enter encrypted, a public one's in the clear"
+                            .into(),
+                    ));
+                }
+                let (info, key_epoch) = match stored {
+                    Some((info, epoch)) => (info, Some(epoch)),
+                    None => (s.shard, None),
+                };
                 let entry = ShardEntry {
-                    info: s.shard,
+                    info,
                     contributor: record.signed.signer(),
-                    key_epoch: None,
+                    key_epoch,
                 };
                 self.store.put(
                     &mut batch,
                     Cf::Pending,
-                    &cat(d.id.0.as_bytes(), s.shard.hash.as_bytes()),
+                    &cat(d.id.0.as_bytes(), info.hash.as_bytes()),
                     &entry.to_bytes(),
                 );
                 let local = LocalShard {
                     datanet: d.id,
-                    info: s.shard,
+                    info,
                 };
                 self.store.put(
                     &mut batch,
                     Cf::Shards,
-                    s.shard.hash.as_bytes(),
+                    info.hash.as_bytes(),
                     &local.to_bytes(),
                 );
                 record.status = SubmissionStatus::Approved;
@@ -1465,6 +1479,7 @@ mod tests {
                 &okp,
                 &sub.hash().to_string(),
                 Verdict::Approved { version: 0 },
+                None,
             )
             .unwrap();
         let decision = decided.decision.unwrap();

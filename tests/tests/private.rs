@@ -98,6 +98,30 @@ fn grantees_read_a_private_datanet_others_are_refused_and_revocation_rotates_the
     let read = c.json(&["datanet", "cat", "secret", "--limit", "0"]);
     assert_eq!(read["total"], 400);
 
+    // C, a grantee, contributes to the private datanet; the owner encrypts the shard on
+    // approval and it enters version 3 credited to C.
+    let gift = tmp.path().join("gift.jsonl");
+    write_chat_records(&gift, 5000, 7, 20);
+    let sent = c.json(&["datanet", "contribute", "secret", gift.to_str().unwrap()]);
+    let sub = sent["submissions"][0].as_str().unwrap().to_owned();
+    a.json(&["datanet", "review", "--approve", &sub]);
+    let v3 = a.json(&["datanet", "publish", "secret"]);
+    assert_eq!(v3["records"], 407);
+    c.wait_for_version("secret", 3);
+    c.json(&["datanet", "fetch", "secret"]);
+    let read = c.json(&["datanet", "cat", "secret", "--limit", "1000"]);
+    assert_eq!(read["total"], 407);
+    assert!(read["records"].to_string().contains("question 5006"));
+    let seen = c.datanet("secret").unwrap();
+    assert!(
+        seen["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["contributor"] == c.id.as_str() && s["records"] == 7),
+        "{seen}"
+    );
+
     // B cannot read version 2: neither its manifest nor its new shard is served to B, and B
     // holds no key for the new epoch.
     let b_sync = b.json(&["sync"]);
