@@ -271,3 +271,53 @@ fn sigkill_during_import_leaves_a_consistent_store_and_loses_nothing_committed()
     assert_eq!(v["records"], 120_050);
     assert!(all_local(&a.datanet("big").unwrap()));
 }
+
+fn http(addr: &str, request: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn the_api_serves_the_dashboard_and_changes_need_the_bearer_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Node::start(&tmp.path().join("a"), &[]);
+    let info: Value =
+        serde_json::from_str(&std::fs::read_to_string(a.dir.join("node.json")).unwrap()).unwrap();
+    let addr = info["http"].as_str().unwrap();
+    let page = http(
+        addr,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.to_lowercase().contains("content-type: text/html"));
+    let body = r#"{"name":"x","schema":"chat"}"#;
+    let create = |auth: &str| {
+        http(
+            addr,
+            &format!(
+                "POST /api/datanets HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n{auth}\r\n{body}",
+                body.len()
+            ),
+        )
+    };
+    assert!(create("").starts_with("HTTP/1.1 401"));
+    assert!(create("Authorization: Bearer wrong\r\n").starts_with("HTTP/1.1 401"));
+    let token = std::fs::read_to_string(a.dir.join("api.token")).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(a.dir.join("api.token"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let ok = create(&format!("Authorization: Bearer {}\r\n", token.trim()));
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert_eq!(a.json(&["datanet", "list"])["datanets"][0]["name"], "x");
+}
