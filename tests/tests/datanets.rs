@@ -81,6 +81,10 @@ fn owner_publishes_and_two_peers_fetch_verify_and_serve_on() {
 
     // With the owner gone, C still fetches every shard: from B, which serves them on.
     a.stop();
+    assert!(
+        !a.dir.join("node.json").exists(),
+        "a clean shutdown removes node.json"
+    );
     let fetched = c.json(&["datanet", "fetch", "recipes"]);
     assert_eq!(
         fetched["report"]["fetched"].as_u64().unwrap() as usize,
