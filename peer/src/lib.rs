@@ -8,7 +8,21 @@
 //! - [`identity`]: one ed25519 identity across Cohort, iroh and libp2p.
 //! - [`data_dir`]: the layout of a peer's data directory and `cohort init`.
 //! - [`store`]: the rocksdb metadata store.
+//! - [`state`]: the state actor that owns the store and the per-peer counters.
+//! - [`node`]: `cohort up`: endpoint, router, gossip, blobs, `cohort/1`, sync.
+//! - [`api`]: the JSON API and dashboard.
+//! - [`import`]: JSONL validation, normalisation, deduplication, shards.
+//! - [`routing`]: content routing ("which peers provide hash H").
+//! - [`rpc`]: `cohort/1` framing and calls.
 
+pub mod api;
+pub mod client;
+pub mod crypto;
 pub mod data_dir;
 pub mod identity;
+pub mod import;
+pub mod node;
+pub mod routing;
+pub mod rpc;
+pub mod state;
 pub mod store;

@@ -1,14 +1,7 @@
 //! `cohort`: the command-line interface of a Cohort peer.
 #![allow(clippy::print_stdout)]
 
-use std::path::PathBuf;
-use std::process::ExitCode;
-
-use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-use cohort_peer::data_dir::DataDir;
-use cohort_protocol::hash::ContentHasher;
-
+mod bench;
 mod model_cli;
 
 /// burn's CPU backend allocates a fresh buffer for every tensor; glibc's malloc hands large
@@ -17,6 +10,20 @@ mod model_cli;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use cohort_peer::client::Client;
+use cohort_peer::data_dir::DataDir;
+use cohort_peer::node::{NodeConfig, PeerAddr};
+use cohort_protocol::hash::ContentHasher;
+use serde_json::{Value, json};
+
 /// Cohort: fine-tune language models together, peer to peer, with credit for data and compute.
 #[derive(Debug, Parser)]
 #[command(name = "cohort", version, about, long_about = None)]
@@ -24,6 +31,10 @@ struct Cli {
     /// The peer's data directory.
     #[arg(long, global = true, env = "COHORT_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+
+    /// Print the node's JSON answer instead of a summary.
+    #[arg(long, global = true)]
+    json: bool,
 
     #[command(subcommand)]
     command: Command,
@@ -58,10 +69,206 @@ enum Command {
         #[command(subcommand)]
         command: model_cli::AdapterCommand,
     },
-    /// Benchmarks.
+    /// Run the node: iroh endpoint (gossip, blobs, cohort/1), metadata store and the HTTP API,
+    /// until SIGINT or SIGTERM. Writes node.json into the data directory once ready.
+    Up {
+        /// The HTTP API's address (127.0.0.1 by default; port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        http: SocketAddr,
+        /// The iroh endpoint's UDP address.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        bind: SocketAddr,
+        /// A peer to join: `PEER_ID@IP:PORT` (see another node's node.json `bootstrap`).
+        #[arg(long, value_name = "PEER_ID@ADDR")]
+        bootstrap: Vec<PeerAddr>,
+        /// Turn relays, DNS/pkarr address lookup and port mapping on (real networks).
+        #[arg(long)]
+        public: bool,
+        /// Milliseconds between anti-entropy rounds with known peers.
+        #[arg(long, default_value_t = 5000, value_name = "MS")]
+        sync_interval_ms: u64,
+    },
+    /// Show the running node's status: peers, datanets, rejected messages per peer.
+    Status,
+    /// Run anti-entropy with every known peer now.
+    Sync,
+    /// Datanets: create, import, publish, fetch, contribute, review.
+    Datanet {
+        #[command(subcommand)]
+        command: DatanetCommand,
+    },
+    /// Benchmarks: the model's inference speed, and transfers between real `cohort up`
+    /// processes on loopback.
     Bench {
         #[command(subcommand)]
-        command: model_cli::BenchCommand,
+        command: BenchCommand,
+    },
+    /// Tools for tests: send raw bytes to a peer.
+    #[command(hide = true)]
+    Debug {
+        #[command(subcommand)]
+        command: DebugCommand,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Schema {
+    Chat,
+    Alpaca,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Access {
+    Public,
+    Allowlist,
+}
+
+#[derive(Debug, Subcommand)]
+enum DatanetCommand {
+    /// Create a datanet owned by this peer.
+    Create {
+        /// Its name (unique among your datanets).
+        name: String,
+        /// What the data is.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// The license (an SPDX identifier where one applies).
+        #[arg(long, default_value = "")]
+        license: String,
+        /// The record format.
+        #[arg(long, value_enum)]
+        schema: Schema,
+        /// Who may read it.
+        #[arg(long, value_enum, default_value = "public")]
+        access: Access,
+    },
+    /// Import JSONL files into shards for the next version (validated, deduplicated).
+    Add {
+        /// Datanet name or id.
+        datanet: String,
+        /// JSONL files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Largest shard in bytes.
+        #[arg(long, hide = true)]
+        shard_bytes: Option<usize>,
+    },
+    /// Sign the next version and announce it.
+    Publish {
+        /// Datanet name or id.
+        datanet: String,
+    },
+    /// List the datanets this peer knows.
+    List,
+    /// Show one datanet: its latest version, shards and pending shards.
+    Show {
+        /// Datanet name or id.
+        datanet: String,
+    },
+    /// Download the latest version's shards from any provider, verify them, serve them on.
+    Fetch {
+        /// Datanet name or id.
+        datanet: String,
+    },
+    /// Offer a JSONL file to another peer's datanet.
+    Contribute {
+        /// Datanet name or id.
+        datanet: String,
+        /// JSONL files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// A note for the owner.
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Print the records of the latest version held here (decrypted for a grantee).
+    Cat {
+        /// Datanet name or id.
+        datanet: String,
+        /// At most this many records.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Give a peer read access to a private datanet (from the next version on).
+    Grant {
+        /// Datanet name or id.
+        datanet: String,
+        /// The grantee's peer id.
+        peer: String,
+    },
+    /// Take read access away; shards added from now on use a new key the peer never gets.
+    Revoke {
+        /// Datanet name or id.
+        datanet: String,
+        /// The revoked peer's id.
+        peer: String,
+    },
+    /// List submissions, or approve or reject one.
+    Review {
+        /// Approve this submission (id or unique prefix).
+        #[arg(long, conflicts_with = "reject")]
+        approve: Option<String>,
+        /// Reject this submission (id or unique prefix).
+        #[arg(long, requires = "reason")]
+        reject: Option<String>,
+        /// Why it is rejected.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Prefill and greedy-decode tokens/s of a model on this machine, optionally side by side
+    /// with llama.cpp (the anchor script `llama_cpp_bench.py`) in the same run.
+    Model(model_cli::BenchModelArgs),
+    /// Shard transfer throughput between two nodes, side by side with plain iroh-blobs.
+    Transfer {
+        /// MiB of records to import and transfer.
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        /// Largest shard, in MiB.
+        #[arg(long, default_value_t = 64)]
+        shard_mib: u64,
+        /// Plain/cohort fetch pairs to run.
+        #[arg(long, default_value_t = 3)]
+        rounds: u64,
+        /// Scratch directory (removed afterwards).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
+    /// Time from publish until every node of a network holds the new manifest.
+    Publish {
+        /// Nodes, the owner included.
+        #[arg(long, default_value_t = 10)]
+        nodes: usize,
+        /// Versions to publish (one sample each).
+        #[arg(long, default_value_t = 5)]
+        rounds: u64,
+        /// Scratch directory (removed afterwards).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DebugCommand {
+    /// Send the bytes of FILE as one cohort/1 request frame to a peer, with this data
+    /// directory's key; print the answer.
+    Send {
+        /// `PEER_ID@IP:PORT`.
+        #[arg(long)]
+        to: PeerAddr,
+        /// The request bytes.
+        file: PathBuf,
+    },
+    /// Ask a peer for one blob over iroh-blobs with this data directory's key; print its size.
+    GetBlob {
+        /// `PEER_ID@IP:PORT`.
+        #[arg(long)]
+        from: PeerAddr,
+        /// The blob's hash.
+        hash: String,
     },
 }
 
@@ -92,6 +299,308 @@ fn hash_file(path: &PathBuf) -> anyhow::Result<String> {
     Ok(hasher.finalize().to_string())
 }
 
+fn client(cli: &Cli) -> anyhow::Result<Client> {
+    Ok(Client::for_data_dir(&data_dir(cli)?)?)
+}
+
+fn print(cli: &Cli, value: &Value, summary: impl FnOnce(&Value) -> String) {
+    if cli.json {
+        println!("{value}");
+    } else {
+        println!("{}", summary(value));
+    }
+}
+
+fn st(v: &Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+fn enc(s: &str) -> String {
+    // Path segments: names may hold spaces and other characters.
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn abs(files: &[PathBuf]) -> anyhow::Result<Vec<String>> {
+    files
+        .iter()
+        .map(|f| {
+            std::path::absolute(f)
+                .map(|p| p.display().to_string())
+                .with_context(|| format!("{}", f.display()))
+        })
+        .collect()
+}
+
+fn datanet(cli: &Cli, command: &DatanetCommand) -> anyhow::Result<()> {
+    let c = client(cli)?;
+    match command {
+        DatanetCommand::Create {
+            name,
+            description,
+            license,
+            schema,
+            access,
+        } => {
+            let v = c.post(
+                "/api/datanets",
+                &json!({
+                    "name": name,
+                    "description": description,
+                    "license": license,
+                    "schema": match schema { Schema::Chat => "chat", Schema::Alpaca => "alpaca" },
+                    "access": match access { Access::Public => "public", Access::Allowlist => "allowlist" },
+                }),
+            )?;
+            print(cli, &v, |v| {
+                format!("created datanet {} ({})", st(&v["name"]), st(&v["id"]))
+            });
+        }
+        DatanetCommand::Add {
+            datanet,
+            files,
+            shard_bytes,
+        } => {
+            let v = c.post(
+                &format!("/api/datanets/{}/add", enc(datanet)),
+                &json!({ "files": abs(files)?, "shard_bytes": shard_bytes }),
+            )?;
+            print(cli, &v, |v| {
+                format!(
+                    "read {} records ({} duplicates skipped) into {} new shards; publish to make \
+                     them a version",
+                    v["records_read"],
+                    v["duplicates"],
+                    v["shards"].as_array().map_or(0, Vec::len)
+                )
+            });
+        }
+        DatanetCommand::Publish { datanet } => {
+            let v = c.post(
+                &format!("/api/datanets/{}/publish", enc(datanet)),
+                &json!({}),
+            )?;
+            print(cli, &v, |v| {
+                format!(
+                    "published version {} of {}: {} shards, {} records, manifest {}",
+                    v["version"],
+                    st(&v["datanet"]),
+                    v["shards"],
+                    v["records"],
+                    st(&v["manifest"])
+                )
+            });
+        }
+        DatanetCommand::List => {
+            let v = c.get("/api/datanets")?;
+            print(cli, &v, |v| {
+                let mut out = String::new();
+                for d in v["datanets"].as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "{}  v{}  {}  {}{}\n",
+                        d["id"].as_str().unwrap_or_default(),
+                        d["version"],
+                        d["schema"].as_str().unwrap_or_default(),
+                        d["name"].as_str().unwrap_or_default(),
+                        if d["mine"].as_bool() == Some(true) {
+                            "  (mine)"
+                        } else {
+                            ""
+                        },
+                    ));
+                }
+                out.trim_end().to_owned()
+            });
+        }
+        DatanetCommand::Show { datanet } => {
+            let v = c.get(&format!("/api/datanets/{}", enc(datanet)))?;
+            print(cli, &v, pretty);
+        }
+        DatanetCommand::Fetch { datanet } => {
+            let v = c.post(&format!("/api/datanets/{}/fetch", enc(datanet)), &json!({}))?;
+            print(cli, &v, |v| {
+                format!(
+                    "version {}: fetched {} shards ({} bytes), {} already held",
+                    v["version"],
+                    v["report"]["fetched"],
+                    v["report"]["bytes"],
+                    v["report"]["already_held"]
+                )
+            });
+        }
+        DatanetCommand::Contribute {
+            datanet,
+            files,
+            note,
+        } => {
+            let v = c.post(
+                &format!("/api/datanets/{}/contribute", enc(datanet)),
+                &json!({ "files": abs(files)?, "note": note }),
+            )?;
+            print(cli, &v, |v| {
+                let ids: Vec<_> = v["submissions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.as_str())
+                    .collect();
+                format!("submitted {} shard(s): {}", ids.len(), ids.join(" "))
+            });
+        }
+        DatanetCommand::Cat { datanet, limit } => {
+            let v = c.get(&format!(
+                "/api/datanets/{}/records?limit={limit}",
+                enc(datanet)
+            ))?;
+            print(cli, &v, |v| {
+                v["records"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(Value::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        DatanetCommand::Grant { datanet, peer } => {
+            let v = c.post(
+                &format!("/api/datanets/{}/grant", enc(datanet)),
+                &json!({ "peer": peer }),
+            )?;
+            print(cli, &v, |v| {
+                format!(
+                    "granted {} (key epochs {}); publish to put it in the allowlist",
+                    st(&v["grantee"]),
+                    v["key_epochs"]
+                )
+            });
+        }
+        DatanetCommand::Revoke { datanet, peer } => {
+            let v = c.post(
+                &format!("/api/datanets/{}/revoke", enc(datanet)),
+                &json!({ "peer": peer }),
+            )?;
+            print(cli, &v, |v| {
+                format!(
+                    "revoked {}: new key epoch {} from version {}",
+                    st(&v["revoked"]),
+                    v["new_key_epoch"],
+                    v["from_version"]
+                )
+            });
+        }
+        DatanetCommand::Review {
+            approve,
+            reject,
+            reason,
+        } => {
+            let v = match (approve, reject) {
+                (Some(id), _) => {
+                    c.post(&format!("/api/submissions/{}/approve", enc(id)), &json!({}))?
+                }
+                (None, Some(id)) => c.post(
+                    &format!("/api/submissions/{}/reject", enc(id)),
+                    &json!({ "reason": reason.clone().unwrap_or_default() }),
+                )?,
+                (None, None) => c.get("/api/submissions")?,
+            };
+            print(cli, &v, pretty);
+        }
+    }
+    Ok(())
+}
+
+async fn debug_send(dir: DataDir, to: PeerAddr, file: PathBuf) -> anyhow::Result<()> {
+    use cohort_protocol::types::rpc::Response;
+    let endpoint = debug_endpoint(&dir).await?;
+    let addr = endpoint_addr(&to);
+    let bytes = std::fs::read(&file).with_context(|| file.display().to_string())?;
+    let result = cohort_peer::rpc::call_raw(&endpoint, addr, &bytes).await;
+    endpoint.close().await;
+    let answer = result?;
+    let response: Response = cohort_peer::rpc::decode_frame(&answer)?;
+    println!("{response:?}");
+    Ok(())
+}
+
+async fn debug_endpoint(dir: &DataDir) -> anyhow::Result<iroh::Endpoint> {
+    let keypair = dir.keypair()?;
+    Ok(iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
+        .clear_ip_transports()
+        .portmapper_config(iroh::endpoint::PortmapperConfig::Disabled)
+        .net_report_config(iroh::NetReportConfig::minimal())
+        .secret_key(cohort_peer::identity::iroh_secret_key(&keypair))
+        .bind_addr("127.0.0.1:0")?
+        .bind()
+        .await?)
+}
+
+fn endpoint_addr(to: &PeerAddr) -> iroh::EndpointAddr {
+    let mut addr = iroh::EndpointAddr::new(cohort_peer::identity::endpoint_id(&to.id));
+    for a in &to.addrs {
+        addr = addr.with_ip_addr(*a);
+    }
+    addr
+}
+
+async fn debug_get_blob(dir: DataDir, from: PeerAddr, hash: String) -> anyhow::Result<()> {
+    let hash: cohort_protocol::ContentHash = hash.parse()?;
+    let endpoint = debug_endpoint(&dir).await?;
+    let result = async {
+        let conn = endpoint
+            .connect(endpoint_addr(&from), iroh_blobs::ALPN)
+            .await?;
+        let bytes = iroh_blobs::get::request::get_blob(
+            conn,
+            iroh_blobs::Hash::from_bytes(*hash.as_bytes()),
+        )
+        .bytes()
+        .await?;
+        anyhow::Ok(bytes.len())
+    }
+    .await;
+    endpoint.close().await;
+    println!("received {} bytes", result?);
+    Ok(())
+}
+
+async fn up(config: NodeConfig) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let node = cohort_peer::node::run(config, cancel.clone());
+    tokio::pin!(node);
+    tokio::select! {
+        r = &mut node => return Ok(r?),
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    cancel.cancel();
+    // A second signal, or a shutdown that hangs, ends the process anyway.
+    tokio::select! {
+        r = &mut node => Ok(r?),
+        _ = term.recv() => anyhow::bail!("second SIGTERM: exiting without a clean shutdown"),
+        _ = tokio::time::sleep(Duration::from_secs(30)) => anyhow::bail!("shutdown took longer than 30 s"),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Model { command } => model_cli::model(command)?,
@@ -99,7 +608,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Perplexity(args) => model_cli::perplexity(args)?,
         Command::Train(args) => model_cli::train(args)?,
         Command::Adapter { command } => model_cli::adapter(command)?,
-        Command::Bench { command } => model_cli::bench(command)?,
         Command::Init => {
             let dir = data_dir(&cli)?;
             let outcome = dir.init()?;
@@ -121,6 +629,67 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for path in files {
                 println!("{}  {}", hash_file(path)?, path.display());
             }
+        }
+        Command::Up {
+            http,
+            bind,
+            bootstrap,
+            public,
+            sync_interval_ms,
+        } => {
+            let dir = data_dir(&cli)?;
+            dir.keypair()?;
+            let config = NodeConfig {
+                data_dir: dir,
+                http: *http,
+                bind: *bind,
+                bootstrap: bootstrap.clone(),
+                public: *public,
+                sync_interval: Duration::from_millis((*sync_interval_ms).max(100)),
+            };
+            runtime()?.block_on(up(config))?;
+        }
+        Command::Status => {
+            let v = client(&cli)?.get("/api/status")?;
+            print(&cli, &v, pretty);
+        }
+        Command::Sync => {
+            let v = client(&cli)?.post("/api/sync", &json!({}))?;
+            print(&cli, &v, |v| format!("pulled {} manifests", v["pulled"]));
+        }
+        Command::Datanet { command } => datanet(&cli, command)?,
+        Command::Bench { command } => {
+            let scratch = |w: &Option<PathBuf>| {
+                w.clone().unwrap_or_else(|| {
+                    std::env::temp_dir().join(format!("cohort-bench-{}", std::process::id()))
+                })
+            };
+            match command {
+                BenchCommand::Model(args) => model_cli::bench_model(args)?,
+                BenchCommand::Transfer {
+                    mib,
+                    shard_mib,
+                    rounds,
+                    work_dir,
+                } => bench::transfer(&scratch(work_dir), *mib, *shard_mib, *rounds)?,
+                BenchCommand::Publish {
+                    nodes,
+                    rounds,
+                    work_dir,
+                } => bench::publish(&scratch(work_dir), *nodes, *rounds)?,
+            }
+        }
+        Command::Debug {
+            command: DebugCommand::Send { to, file },
+        } => {
+            let dir = data_dir(&cli)?;
+            runtime()?.block_on(debug_send(dir, to.clone(), file.clone()))?;
+        }
+        Command::Debug {
+            command: DebugCommand::GetBlob { from, hash },
+        } => {
+            let dir = data_dir(&cli)?;
+            runtime()?.block_on(debug_get_blob(dir, from.clone(), hash.clone()))?;
         }
     }
     Ok(())

@@ -1,4 +1,5 @@
-//! The model commands of `cohort`: `model list`, `chat`, `perplexity` and `bench model`.
+//! The model commands of `cohort`: `model list`, `chat`, `perplexity`, `train`, `adapter` and
+//! `bench model`.
 //!
 //! They run the base model in this process (the CPU engine by default, or the burn model on a
 //! chosen device); they need no running node.
@@ -99,14 +100,6 @@ pub struct PerplexityArgs {
     /// A LoRA adapter directory in PEFT's format, applied on top of the base model.
     #[arg(long)]
     adapter: Option<PathBuf>,
-}
-
-/// `cohort bench ...`
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// Prefill and greedy-decode tokens/s of a model on this machine, optionally side by side
-    /// with llama.cpp (the anchor script `llama_cpp_bench.py`) in the same run.
-    Model(BenchModelArgs),
 }
 
 #[derive(Debug, Args)]
@@ -341,8 +334,7 @@ pub fn perplexity(args: &PerplexityArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
-    let BenchCommand::Model(args) = cmd;
+pub fn bench_model(args: &BenchModelArgs) -> anyhow::Result<()> {
     let file = open(&args.model)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let engine = Engine::from_gguf(&file)?;

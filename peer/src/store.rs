@@ -41,11 +41,17 @@ pub enum Cf {
     Adapters,
     /// Known peers and their counters.
     Peers,
+    /// Shards waiting for the next version of an owned datanet: datanet id ++ shard hash.
+    Pending,
+    /// Shards whose blobs this peer holds: shard hash -> datanet and shard info.
+    Shards,
+    /// Normalised-record hashes per datanet, for deduplication: datanet id ++ record hash.
+    Records,
 }
 
 impl Cf {
     /// Every column family.
-    pub const ALL: [Cf; 10] = [
+    pub const ALL: [Cf; 13] = [
         Cf::Meta,
         Cf::Datanets,
         Cf::Manifests,
@@ -56,6 +62,9 @@ impl Cf {
         Cf::Ledger,
         Cf::Adapters,
         Cf::Peers,
+        Cf::Pending,
+        Cf::Shards,
+        Cf::Records,
     ];
 
     /// The column family's name in rocksdb.
@@ -71,6 +80,9 @@ impl Cf {
             Cf::Ledger => "ledger",
             Cf::Adapters => "adapters",
             Cf::Peers => "peers",
+            Cf::Pending => "pending",
+            Cf::Shards => "shards",
+            Cf::Records => "records",
         }
     }
 }
@@ -263,6 +275,11 @@ impl Store {
             out.push((k.into_vec(), v.into_vec()));
         }
         Ok(out)
+    }
+
+    /// Whether `cf` holds `key`.
+    pub fn contains(&self, cf: Cf, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.get(cf, key)?.is_some())
     }
 
     /// The store's directory.

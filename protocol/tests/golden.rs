@@ -335,3 +335,79 @@ fn every_sample_announcement_fits_gossip() {
     let err = encode_announcement(&Signed::sign(&kp, &huge)).unwrap_err();
     assert!(err.size > MAX_ANNOUNCEMENT_BYTES, "{err}");
 }
+
+/// The `cohort/1` request and response frames (unsigned: the QUIC connection authenticates
+/// the peer), one section per variant.
+#[test]
+fn rpc_frames() {
+    use cohort_protocol::types::rpc::{Head, RPC_VERSION, Request, RequestBody, Response};
+    fn req(body: RequestBody) -> Request {
+        Request {
+            version: RPC_VERSION,
+            body,
+        }
+    }
+    fn one<T: Canonical + std::fmt::Debug + PartialEq>(title: &str, v: &T) -> String {
+        let bytes = v.to_bytes();
+        assert_eq!(&T::from_bytes(&bytes).unwrap(), v);
+        section(title, vec![("whole", bytes.clone())], &bytes)
+    }
+    let submission = Signed::sign(&key(1), &common::submission());
+    let grant = Signed::sign(&key(1), &common::grant());
+    let mut text = String::new();
+    text.push_str(&one("Request Heads", &req(RequestBody::Heads)));
+    text.push_str(&one(
+        "Request GetManifest",
+        &req(RequestBody::GetManifest { hash: h(7) }),
+    ));
+    text.push_str(&one(
+        "Request Announce",
+        &req(RequestBody::Announce {
+            bytes: vec![1, 2, 3],
+        }),
+    ));
+    text.push_str(&one(
+        "Request Submit",
+        &req(RequestBody::Submit { submission }),
+    ));
+    text.push_str(&one(
+        "Request GetGrants",
+        &req(RequestBody::GetGrants {
+            datanet: datanet_id(),
+        }),
+    ));
+    text.push_str(&one(
+        "Request Decision",
+        &req(RequestBody::Decision {
+            decision: Signed::sign(&key(1), &decision()),
+        }),
+    ));
+    text.push_str(&one(
+        "Response Heads",
+        &Response::Heads {
+            heads: vec![Head {
+                datanet: datanet_id(),
+                version: 3,
+                manifest: h(9),
+            }],
+        },
+    ));
+    text.push_str(&one(
+        "Response Manifest none",
+        &Response::Manifest { manifest: None },
+    ));
+    text.push_str(&one("Response Accepted", &Response::Accepted));
+    text.push_str(&one(
+        "Response Refused",
+        &Response::Refused {
+            reason: "no".into(),
+        },
+    ));
+    text.push_str(&one(
+        "Response Grants",
+        &Response::Grants {
+            grants: vec![grant],
+        },
+    ));
+    check_golden("Rpc", &text);
+}

@@ -80,3 +80,192 @@ pub fn readme_block(name: &str) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics naming `what` after `deadline`.
+pub fn wait_until<T>(
+    what: &str,
+    deadline: std::time::Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A running `cohort up` process in its own data directory; killed when dropped.
+#[derive(Debug)]
+pub struct Node {
+    /// The data directory.
+    pub dir: PathBuf,
+    /// The peer id.
+    pub id: String,
+    /// `PEER_ID@ADDR` for `--bootstrap`.
+    pub bootstrap: String,
+    /// The endpoint's socket address.
+    pub addr: String,
+    child: Option<std::process::Child>,
+    log: PathBuf,
+}
+
+/// How long a node may take to start (a loaded 2-core machine builds a few in parallel).
+pub const START_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Node {
+    /// Initialises `dir` (if needed) and starts `cohort up` on it with `args` (e.g.
+    /// `--bootstrap`), waiting until it has written its node.json and its API answers.
+    pub fn start(dir: &Path, args: &[&str]) -> Node {
+        success(cohort(dir).arg("init").output().expect("cohort init runs"));
+        std::fs::remove_file(dir.join("node.json")).ok();
+        let log = dir.with_extension("log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = cohort(dir)
+            .arg("up")
+            .args(["--sync-interval-ms", "500"])
+            .args(args)
+            .env("RUST_LOG", "warn,cohort_peer=debug")
+            .stdout(log_file.try_clone().expect("log file"))
+            .stderr(log_file)
+            .spawn()
+            .expect("cohort up starts");
+        let pid = child.id();
+        let mut node = Node {
+            dir: dir.to_path_buf(),
+            id: String::new(),
+            bootstrap: String::new(),
+            addr: String::new(),
+            child: Some(child),
+            log,
+        };
+        let info = wait_until("the node's node.json", START_DEADLINE, || {
+            if let Some(status) = node
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("cohort up exited with {status}:\n{}", node.logs());
+            }
+            let text = std::fs::read_to_string(dir.join("node.json")).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            (v["pid"].as_u64() == Some(u64::from(pid))).then_some(v)
+        });
+        node.id = info["peer_id"].as_str().expect("peer_id").to_owned();
+        node.bootstrap = info["bootstrap"].as_str().expect("bootstrap").to_owned();
+        node.addr = info["addrs"][0].as_str().expect("addrs").to_owned();
+        node
+    }
+
+    /// The node's log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A `cohort` command on this node's data directory.
+    pub fn cmd(&self) -> Command {
+        cohort(&self.dir)
+    }
+
+    /// Runs `cohort --json ARGS` against this node; its JSON answer, or a panic showing the
+    /// error and the node's log.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self
+            .cmd()
+            .arg("--json")
+            .args(args)
+            .output()
+            .expect("cohort runs");
+        if !out.status.success() {
+            panic!(
+                "cohort {args:?} failed: {}\nnode log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.logs()
+            );
+        }
+        serde_json::from_slice(&out.stdout).expect("cohort --json prints JSON")
+    }
+
+    /// Runs `cohort ARGS` and returns its stderr, asserting that it failed.
+    pub fn fails(&self, args: &[&str]) -> String {
+        failure(self.cmd().args(args).output().expect("cohort runs"))
+    }
+
+    /// The datanet `name` as this node shows it, if it knows it.
+    pub fn datanet(&self, name: &str) -> Option<serde_json::Value> {
+        let out = self
+            .cmd()
+            .args(["--json", "datanet", "show", name])
+            .output()
+            .expect("cohort runs");
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).expect("JSON"))
+    }
+
+    /// Waits until this node knows version `version` (or later) of datanet `name`.
+    pub fn wait_for_version(&self, name: &str, version: u64) -> serde_json::Value {
+        wait_until(
+            &format!("{} to hold version {version} of {name}", &self.id[..8]),
+            std::time::Duration::from_secs(60),
+            || {
+                self.datanet(name)
+                    .filter(|d| d["version"].as_u64().is_some_and(|v| v >= version))
+            },
+        )
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let status = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(status.success());
+            let exit = wait_until(
+                "the node to exit",
+                std::time::Duration::from_secs(60),
+                || child.try_wait().expect("try_wait"),
+            );
+            assert!(exit.success(), "node exited with {exit}:\n{}", self.logs());
+        }
+    }
+
+    /// Kills the process with SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL");
+            child.wait().expect("wait");
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Writes `n` distinct chat records, each about `pad` bytes long, to `path`.
+pub fn write_chat_records(path: &Path, start: usize, n: usize, pad: usize) {
+    use std::io::Write as _;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
+    let filler = "x".repeat(pad);
+    for i in start..start + n {
+        writeln!(
+            f,
+            r#"{{"messages":[{{"role":"user","content":"question {i} {filler}"}},{{"role":"assistant","content":"answer {i}"}}]}}"#
+        )
+        .expect("write");
+    }
+}

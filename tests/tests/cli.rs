@@ -12,7 +12,9 @@ fn help_lists_the_subcommands_that_exist() {
             .output()
             .unwrap(),
     );
-    for sub in ["init", "id", "hash"] {
+    for sub in [
+        "init", "id", "hash", "up", "status", "sync", "datanet", "bench",
+    ] {
         assert!(
             out.lines().any(|l| l.trim_start().starts_with(sub)),
             "`cohort --help` does not list {sub}:\n{out}"

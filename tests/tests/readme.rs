@@ -51,3 +51,48 @@ fn ci_runs_the_readme_test_command() {
         ".ci/run does not run the README's test command `{command}`:\n{ci}"
     );
 }
+
+#[test]
+fn the_readme_datanet_commands_exist() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let section = readme
+        .split_once("## Datanets")
+        .expect("README.md has a Datanets section")
+        .1;
+    let block = section
+        .split("```sh")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("the Datanets section has a sh block");
+    let help = success(
+        std::process::Command::new(cohort_bin())
+            .args(["datanet", "--help"])
+            .output()
+            .unwrap(),
+    );
+    let mut seen = 0;
+    for line in block.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let Some(i) = words.iter().position(|w| *w == "datanet") {
+            let sub = words[i + 1];
+            assert!(
+                help.lines().any(|l| l.trim_start().starts_with(sub)),
+                "README uses `cohort datanet {sub}`, which `cohort datanet --help` does not list"
+            );
+            seen += 1;
+        }
+        if words.contains(&"up") {
+            let up = success(
+                std::process::Command::new(cohort_bin())
+                    .args(["up", "--help"])
+                    .output()
+                    .unwrap(),
+            );
+            assert!(up.contains("--bootstrap"));
+        }
+    }
+    assert!(
+        seen >= 10,
+        "the Datanets block shows only {seen} datanet commands"
+    );
+}

@@ -13,6 +13,7 @@ pub mod datanet;
 pub mod job;
 pub mod ledger;
 pub mod round;
+pub mod rpc;
 
 use std::fmt;
 

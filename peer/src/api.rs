@@ -1,0 +1,890 @@
+//! The node's JSON API on 127.0.0.1 (axum), and the gui-lite dashboard at `/`.
+//!
+//! Everything the CLI does goes through these routes when a node runs, so the terminal and the
+//! dashboard never disagree. `GET` routes are open to local callers; every change (`POST`)
+//! needs `Authorization: Bearer TOKEN` with the token from the data directory's `api.token`.
+//! Paths in request bodies (`files`) are read by the node itself: the API serves the local
+//! machine only.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cohort_protocol::types::rpc::{RequestBody, Response as RpcResponse};
+use cohort_protocol::types::{
+    AccessPolicy, AnnouncementBody, RecordSchema, ShardInfo, ShardSubmission, Verdict,
+};
+use cohort_protocol::{ContentHash, PeerId, Signed};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::identity::endpoint_id;
+use crate::import::{DEFAULT_SHARD_BYTES, ImportError, InterimByteEstimate, import_files};
+use crate::node::Node;
+use crate::routing::ContentRouting as _;
+use crate::state::{DatanetRecord, StateError, StateGone, SubmissionStatus, now};
+
+type AppState = Arc<Node>;
+
+/// The API's routes with the dashboard merged in.
+pub fn app(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/api/status", get(status))
+        .route("/api/datanets", get(list).post(create))
+        .route("/api/datanets/{name}", get(show))
+        .route("/api/datanets/{name}/add", post(add))
+        .route("/api/datanets/{name}/publish", post(publish))
+        .route("/api/datanets/{name}/fetch", post(fetch))
+        .route("/api/datanets/{name}/contribute", post(contribute))
+        .route("/api/submissions", get(submissions))
+        .route("/api/submissions/{id}/approve", post(approve))
+        .route("/api/submissions/{id}/reject", post(reject))
+        .route("/api/datanets/{name}/records", get(records))
+        .route("/api/datanets/{name}/grant", post(grant))
+        .route("/api/datanets/{name}/revoke", post(revoke))
+        .route("/api/sync", post(sync_now))
+        .merge(cohort_gui_lite::router())
+        .with_state(node)
+}
+
+/// An error answer: a status and a message for the user; internals go to the log.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> Self {
+        match e {
+            StateError::UnknownDatanet(_) => Self::new(StatusCode::NOT_FOUND, e.to_string()),
+            StateError::AmbiguousDatanet(_) | StateError::Invalid(_) => Self::bad(e.to_string()),
+            StateError::NotOwner(_) => Self::new(StatusCode::FORBIDDEN, e.to_string()),
+            StateError::Nothing(_) => Self::new(StatusCode::CONFLICT, e.to_string()),
+            other => {
+                tracing::error!("{other}");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error: see the node's log",
+                )
+            }
+        }
+    }
+}
+
+impl From<StateGone> for ApiError {
+    fn from(e: StateGone) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}
+
+impl From<ImportError> for ApiError {
+    fn from(e: ImportError) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+    }
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+/// A request that carried the bearer token.
+#[derive(Debug)]
+pub struct Authorized;
+
+impl FromRequestParts<AppState> for Authorized {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, node: &AppState) -> Result<Self, ApiError> {
+        let given = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(t) if constant_time_eq(t.as_bytes(), node.token.as_bytes()) => Ok(Authorized),
+            _ => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "changes need `Authorization: Bearer TOKEN` (the token is in the data \
+                 directory's api.token)",
+            )),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn status(State(node): State<AppState>) -> ApiResult {
+    let (rejected, datanets) = node
+        .state
+        .call(|s| {
+            let rejected: serde_json::Map<String, Value> = s
+                .rejections()
+                .iter()
+                .map(|(p, counts)| (p.to_string(), json!(counts)))
+                .collect();
+            (rejected, s.datanets().map(|d| d.len()).unwrap_or(0))
+        })
+        .await?;
+    let total: u64 = rejected
+        .values()
+        .filter_map(|v| v.as_object())
+        .flat_map(|o| o.values().filter_map(|n| n.as_u64()))
+        .sum();
+    Ok(Json(json!({
+        "peer_id": node.me().to_string(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "data_dir": node.data_dir.root().display().to_string(),
+        "uptime_s": node.started.elapsed().as_secs(),
+        "http": node.http.to_string(),
+        "addrs": node.endpoint.bound_sockets(),
+        "neighbours": node.neighbour_peers().iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        "known_peers": node.known_peers().iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        "datanets": datanets,
+        "indexed_hashes": node.index.len(),
+        "rejected": rejected,
+        "rejected_total": total,
+    })))
+}
+
+fn schema_name(s: RecordSchema) -> &'static str {
+    match s {
+        RecordSchema::Chat => "chat",
+        RecordSchema::Alpaca => "alpaca",
+    }
+}
+
+fn summary(d: &DatanetRecord, me: PeerId) -> Value {
+    json!({
+        "id": d.id.to_string(),
+        "name": d.name,
+        "owner": d.owner.to_string(),
+        "mine": d.owner == me,
+        "description": d.description,
+        "license": d.license,
+        "schema": schema_name(d.schema),
+        "access": match &d.access { AccessPolicy::Public => "public", AccessPolicy::Allowlist { .. } => "allowlist" },
+        "version": d.head.map_or(0, |h| h.version),
+        "manifest": d.head.map(|h| h.manifest.to_string()),
+    })
+}
+
+async fn list(State(node): State<AppState>) -> ApiResult {
+    let me = node.me();
+    let all = node.state.call(|s| s.datanets()).await??;
+    Ok(Json(json!({
+        "datanets": all.iter().map(|d| summary(d, me)).collect::<Vec<_>>()
+    })))
+}
+
+fn shard_json(info: &ShardInfo, contributor: Option<PeerId>, local: bool) -> Value {
+    json!({
+        "hash": info.hash.to_string(),
+        "bytes": info.bytes,
+        "records": info.records,
+        "tokens": info.tokens,
+        "contributor": contributor.map(|c| c.to_string()),
+        "local": local,
+    })
+}
+
+async fn show(State(node): State<AppState>, Path(name): Path<String>) -> ApiResult {
+    let me = node.me();
+    let (d, manifest, pending, held) = node
+        .state
+        .call(move |s| -> Result<_, StateError> {
+            let d = s.resolve(&name)?;
+            let manifest = match d.head {
+                Some(h) => s.manifest(&h.manifest)?,
+                None => None,
+            };
+            let pending = s.pending(&d.id)?;
+            let held: Vec<ContentHash> = s
+                .local_shards()?
+                .into_iter()
+                .filter(|l| l.datanet == d.id)
+                .map(|l| l.info.hash)
+                .collect();
+            Ok((d, manifest, pending, held))
+        })
+        .await??;
+    let mut out = summary(&d, me);
+    let m = manifest.as_ref().and_then(|m| m.verify().ok());
+    // A shard counts as local only if the blob store really has it complete.
+    let mut shards = Vec::new();
+    if let Some(m) = &m {
+        for s in &m.shards {
+            let local = held.contains(&s.info.hash)
+                && node
+                    .blobs
+                    .has(iroh_blobs::Hash::from_bytes(*s.info.hash.as_bytes()))
+                    .await
+                    .unwrap_or(false);
+            shards.push(shard_json(&s.info, Some(s.contributor), local));
+        }
+        out["previous"] = json!(m.previous.map(|p| p.to_string()));
+        out["records"] = json!(m.records());
+        out["tokens"] = json!(m.tokens());
+        out["published_at_ms"] = json!(m.published_at.0);
+    }
+    let mut pend = Vec::new();
+    for s in &pending {
+        let local = node
+            .blobs
+            .has(iroh_blobs::Hash::from_bytes(*s.info.hash.as_bytes()))
+            .await
+            .unwrap_or(false);
+        pend.push(shard_json(&s.info, Some(s.contributor), local));
+    }
+    out["shards"] = json!(shards);
+    out["pending"] = json!(pend);
+    Ok(Json(out))
+}
+
+#[derive(Debug, Deserialize)]
+struct CreateBody {
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    license: String,
+    schema: String,
+    #[serde(default = "default_access")]
+    access: String,
+}
+
+fn default_access() -> String {
+    "public".into()
+}
+
+async fn create(
+    _auth: Authorized,
+    State(node): State<AppState>,
+    Json(body): Json<CreateBody>,
+) -> ApiResult {
+    let schema = match body.schema.as_str() {
+        "chat" => RecordSchema::Chat,
+        "alpaca" => RecordSchema::Alpaca,
+        other => {
+            return Err(ApiError::bad(format!(
+                "schema `{other}`: use chat or alpaca"
+            )));
+        }
+    };
+    let access = match body.access.as_str() {
+        "public" => AccessPolicy::Public,
+        "allowlist" => AccessPolicy::Allowlist {
+            grantees: Vec::new(),
+            key_epoch: 0,
+        },
+        other => {
+            return Err(ApiError::bad(format!(
+                "access `{other}`: use public or allowlist"
+            )));
+        }
+    };
+    let me = node.me();
+    let d = node
+        .state
+        .call(move |s| {
+            s.create_datanet(
+                me,
+                body.name,
+                body.description,
+                body.license,
+                schema,
+                access,
+            )
+        })
+        .await??;
+    Ok(Json(summary(&d, me)))
+}
+
+#[derive(Debug, Deserialize)]
+struct FilesBody {
+    files: Vec<PathBuf>,
+    #[serde(default)]
+    note: String,
+    /// Largest shard in bytes (tests and benchmarks); default 16 MiB.
+    #[serde(default)]
+    shard_bytes: Option<usize>,
+}
+
+/// Validates and imports files into blobs (synced to disk); returns each new shard's info and
+/// record hashes. Nothing is recorded in the metadata store yet.
+async fn import_into_blobs(
+    node: &Node,
+    d: &DatanetRecord,
+    body: &FilesBody,
+    dedup_against_store: bool,
+    encrypt: Option<(crate::crypto::DatanetKey, u32)>,
+) -> Result<(Vec<(ShardInfo, Vec<ContentHash>)>, u64, u64), ApiError> {
+    if body.files.is_empty() {
+        return Err(ApiError::bad("no files given"));
+    }
+    let reader = node.state.call(|s| s.reader()).await?;
+    let files = body.files.clone();
+    let schema = d.schema;
+    let id = d.id;
+    let max = body.shard_bytes.unwrap_or(DEFAULT_SHARD_BYTES).max(1024);
+    let imported = tokio::task::spawn_blocking(move || {
+        import_files(&files, schema, &InterimByteEstimate, max, &|h| {
+            dedup_against_store && crate::state::has_record(&reader, &id, h).unwrap_or(false)
+        })
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let mut out = Vec::new();
+    for shard in imported.shards {
+        let blob = match &encrypt {
+            Some((key, epoch)) => crate::crypto::encrypt_shard(key, &id, *epoch, &shard.bytes),
+            None => shard.bytes,
+        };
+        let bytes = blob.len() as u64;
+        let tag = node.blobs.add_bytes(blob).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("blob store: {e}"),
+            )
+        })?;
+        out.push((
+            ShardInfo {
+                hash: ContentHash::from_bytes(*tag.hash.as_bytes()),
+                bytes,
+                records: shard.records,
+                tokens: shard.tokens,
+            },
+            shard.record_hashes,
+        ));
+    }
+    // The shards are recorded only once the blob store has them on disk.
+    node.blobs.sync_db().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("blob store: {e}"),
+        )
+    })?;
+    Ok((out, imported.records_read, imported.duplicates))
+}
+
+async fn add(
+    _auth: Authorized,
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+    Json(body): Json<FilesBody>,
+) -> ApiResult {
+    let me = node.me();
+    let n2 = name.clone();
+    let d = node.state.call(move |s| s.resolve(&n2)).await??;
+    if d.owner != me {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "datanet `{name}` belongs to {}: use `cohort datanet contribute`",
+                d.owner
+            ),
+        ));
+    }
+    let (epoch, encrypt) = match &d.access {
+        AccessPolicy::Public => (None, None),
+        AccessPolicy::Allowlist { key_epoch, .. } => {
+            let (id, e) = (d.id, *key_epoch);
+            let key = node
+                .state
+                .call(move |s| s.datanet_key(&id, e))
+                .await??
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("the key of epoch {e} is missing from the store"),
+                    )
+                })?;
+            (Some(e), Some((key, e)))
+        }
+    };
+    let (shards, read, duplicates) = import_into_blobs(&node, &d, &body, true, encrypt).await?;
+    let id = d.id;
+    let infos: Vec<_> = shards.iter().map(|(i, _)| *i).collect();
+    node.state
+        .call(move |s| s.commit_shards(&id, me, epoch, &shards))
+        .await??;
+    let hashes: Vec<_> = infos.iter().map(|i| i.hash).collect();
+    node.index.add_providers(me, &hashes).await;
+    Ok(Json(json!({
+        "datanet": d.id.to_string(),
+        "records_read": read,
+        "duplicates": duplicates,
+        "shards": infos.iter().map(|i| shard_json(i, Some(me), true)).collect::<Vec<_>>(),
+    })))
+}
+
+async fn publish(
+    _auth: Authorized,
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let kp = node.keypair.clone();
+    let signed = node.state.call(move |s| s.publish(&kp, &name)).await??;
+    let m = signed
+        .verify()
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let hash = signed.hash();
+    let announced = node
+        .announce(AnnouncementBody::Manifest {
+            datanet: m.datanet,
+            version: m.version,
+            manifest: hash,
+        })
+        .await;
+    if let Err(e) = &announced {
+        tracing::warn!("announcing manifest {hash}: {e}");
+    }
+    Ok(Json(json!({
+        "datanet": m.datanet.to_string(),
+        "version": m.version,
+        "manifest": hash.to_string(),
+        "shards": m.shards.len(),
+        "records": m.records(),
+        "tokens": m.tokens(),
+        "announced": announced.is_ok(),
+    })))
+}
+
+async fn fetch(
+    _auth: Authorized,
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let (d, manifest) = node
+        .state
+        .call(move |s| -> Result<_, StateError> {
+            let d = s.resolve(&name)?;
+            let m = match d.head {
+                Some(h) => s.manifest(&h.manifest)?,
+                None => None,
+            };
+            Ok((d, m))
+        })
+        .await??;
+    let Some(manifest) = manifest else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("datanet `{}` has no published version yet", d.name),
+        ));
+    };
+    let m = manifest
+        .verify()
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if !matches!(m.access, AccessPolicy::Public) && d.owner != node.me() {
+        node.fetch_grants(d.id, d.owner)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e))?;
+    }
+    let infos: Vec<_> = m.shards.iter().map(|s| s.info).collect();
+    let report = node
+        .fetch_shards(d.id, d.owner, &infos)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e))?;
+    Ok(Json(json!({
+        "datanet": d.id.to_string(),
+        "version": m.version,
+        "report": report,
+    })))
+}
+
+async fn contribute(
+    _auth: Authorized,
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+    Json(body): Json<FilesBody>,
+) -> ApiResult {
+    let me = node.me();
+    let d = node.state.call(move |s| s.resolve(&name)).await??;
+    if d.owner == me {
+        return Err(ApiError::bad(format!(
+            "you own `{}`: use `cohort datanet add`",
+            d.name
+        )));
+    }
+    let (shards, read, duplicates) = import_into_blobs(&node, &d, &body, false, None).await?;
+    let id = d.id;
+    let infos: Vec<_> = shards.iter().map(|(i, _)| *i).collect();
+    let recorded = infos.clone();
+    node.state
+        .call(move |s| s.record_local_shards(&id, &recorded))
+        .await??;
+    let mut sent = Vec::new();
+    for info in &infos {
+        let submission = Signed::sign(
+            &node.keypair,
+            &ShardSubmission {
+                datanet: d.id,
+                base_version: d.head.map_or(0, |h| h.version),
+                shard: *info,
+                note: body.note.clone(),
+                submitted_at: now(),
+            },
+        );
+        let hash = submission.hash();
+        let sent_copy = submission.clone();
+        node.state
+            .call(move |s| s.record_sent_submission(&sent_copy))
+            .await??;
+        let response = crate::rpc::call(
+            &node.endpoint,
+            endpoint_id(&d.owner),
+            RequestBody::Submit { submission },
+        )
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
+        match response {
+            RpcResponse::Accepted => sent.push(hash.to_string()),
+            RpcResponse::Refused { reason } => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("the owner refused the submission: {reason}"),
+                ));
+            }
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("unexpected answer from the owner: {other:?}"),
+                ));
+            }
+        }
+    }
+    Ok(Json(json!({
+        "datanet": d.id.to_string(),
+        "records_read": read,
+        "duplicates": duplicates,
+        "submissions": sent,
+    })))
+}
+
+async fn submissions(State(node): State<AppState>) -> ApiResult {
+    let all = node.state.call(|s| s.submissions()).await??;
+    let list: Vec<Value> = all
+        .iter()
+        .filter_map(|(hash, r)| {
+            let s = r.signed.verify().ok()?;
+            Some(json!({
+                "id": hash.to_string(),
+                "datanet": s.datanet.to_string(),
+                "contributor": r.signed.signer().to_string(),
+                "shard": shard_json(&s.shard, Some(r.signed.signer()), false),
+                "note": s.note,
+                "status": r.status,
+            }))
+        })
+        .collect();
+    Ok(Json(json!({ "submissions": list })))
+}
+
+async fn approve(
+    _auth: Authorized,
+    State(node): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let i2 = id.clone();
+    let (hash, record) = node.state.call(move |s| s.submission(&i2)).await??;
+    if record.status != SubmissionStatus::Pending {
+        return Err(ApiError::bad(format!(
+            "submission {hash} was already decided"
+        )));
+    }
+    let s = record
+        .signed
+        .verify()
+        .map_err(|e| ApiError::bad(e.to_string()))?;
+    let contributor = record.signed.signer();
+    // The owner takes a copy of the shard before it enters a version: it provides every shard
+    // of its manifests.
+    let report = node
+        .fetch_shards(s.datanet, contributor, &[s.shard])
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e))?;
+    // A private datanet's owner encrypts the contributed shard under the current key.
+    let d = node
+        .state
+        .call(move |st| st.datanet(&s.datanet))
+        .await??
+        .ok_or_else(|| ApiError::bad(format!("unknown datanet {}", s.datanet)))?;
+    let stored = match d.access {
+        AccessPolicy::Public => None,
+        AccessPolicy::Allowlist { key_epoch, .. } => {
+            let id = d.id;
+            let key = node
+                .state
+                .call(move |st| st.datanet_key(&id, key_epoch))
+                .await??
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "the datanet key is missing",
+                    )
+                })?;
+            let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e);
+            let plain = node
+                .blobs
+                .get_bytes(iroh_blobs::Hash::from_bytes(*s.shard.hash.as_bytes()))
+                .await
+                .map_err(|e| internal(e.to_string()))?;
+            let sealed = crate::crypto::encrypt_shard(&key, &id, key_epoch, &plain);
+            let bytes = sealed.len() as u64;
+            let tag = node
+                .blobs
+                .add_bytes(sealed)
+                .await
+                .map_err(|e| internal(e.to_string()))?;
+            node.blobs
+                .sync_db()
+                .await
+                .map_err(|e| internal(e.to_string()))?;
+            Some((
+                ShardInfo {
+                    hash: ContentHash::from_bytes(*tag.hash.as_bytes()),
+                    bytes,
+                    records: s.shard.records,
+                    tokens: s.shard.tokens,
+                },
+                key_epoch,
+            ))
+        }
+    };
+    let kp = node.keypair.clone();
+    let record = node
+        .state
+        .call(move |st| st.decide(&kp, &id, Verdict::Approved { version: 0 }, stored))
+        .await??;
+    let notified = notify_contributor(&node, &record).await;
+    Ok(Json(json!({
+        "id": hash.to_string(),
+        "status": record.status,
+        "fetched": report,
+        "contributor_notified": notified,
+    })))
+}
+
+/// Sends the signed decision to the contributor (best effort: the decision stands either way).
+async fn notify_contributor(node: &Node, record: &crate::state::SubmissionRecord) -> bool {
+    let Some(decision) = record.decision.clone() else {
+        return false;
+    };
+    let contributor = record.signed.signer();
+    match crate::rpc::call(
+        &node.endpoint,
+        endpoint_id(&contributor),
+        RequestBody::Decision { decision },
+    )
+    .await
+    {
+        Ok(RpcResponse::Accepted) => true,
+        Ok(other) => {
+            tracing::warn!(
+                "contributor {} refused the decision: {other:?}",
+                contributor.short()
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!("sending the decision to {}: {e}", contributor.short());
+            false
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RejectBody {
+    reason: String,
+}
+
+async fn reject(
+    _auth: Authorized,
+    State(node): State<AppState>,
+    Path(id): Path<String>,
+    Json(body): Json<RejectBody>,
+) -> ApiResult {
+    let kp = node.keypair.clone();
+    let record = node
+        .state
+        .call(move |st| {
+            st.decide(
+                &kp,
+                &id,
+                Verdict::Rejected {
+                    reason: body.reason,
+                },
+                None,
+            )
+        })
+        .await??;
+    let notified = notify_contributor(&node, &record).await;
+    Ok(Json(
+        json!({ "status": record.status, "contributor_notified": notified }),
+    ))
+}
+
+async fn sync_now(_auth: Authorized, State(node): State<AppState>) -> ApiResult {
+    let mut pulled = 0;
+    let mut errors = Vec::new();
+    for peer in node.known_peers() {
+        match node.sync_with(peer).await {
+            Ok(n) => pulled += n,
+            Err(e) => errors.push(format!("{}: {e}", peer.short())),
+        }
+    }
+    Ok(Json(json!({ "pulled": pulled, "errors": errors })))
+}
+
+#[derive(Debug, Deserialize)]
+struct PeerBody {
+    peer: String,
+}
+
+fn parse_peer(s: &str) -> Result<PeerId, ApiError> {
+    s.parse()
+        .map_err(|e| ApiError::bad(format!("peer `{s}`: {e}")))
+}
+
+async fn grant(
+    _auth: Authorized,
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+    Json(body): Json<PeerBody>,
+) -> ApiResult {
+    let peer = parse_peer(&body.peer)?;
+    let kp = node.keypair.clone();
+    let grants = node
+        .state
+        .call(move |s| s.grant(&kp, &name, peer))
+        .await??;
+    Ok(Json(json!({
+        "grantee": peer.to_string(),
+        "key_epochs": grants.iter().filter_map(|g| g.verify().ok()).map(|g| g.key_epoch).collect::<Vec<_>>(),
+        "note": "the grantee is in the allowlist from the next published version",
+    })))
+}
+
+async fn revoke(
+    _auth: Authorized,
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+    Json(body): Json<PeerBody>,
+) -> ApiResult {
+    let peer = parse_peer(&body.peer)?;
+    let kp = node.keypair.clone();
+    let r = node
+        .state
+        .call(move |s| s.revoke(&kp, &name, peer))
+        .await??;
+    let r = r
+        .verify()
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(json!({
+        "revoked": peer.to_string(),
+        "new_key_epoch": r.new_key_epoch,
+        "from_version": r.from_version,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+struct RecordsQuery {
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+fn default_limit() -> usize {
+    100
+}
+
+/// The records of the latest version's shards held here, decrypted where private.
+async fn records(
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<RecordsQuery>,
+) -> ApiResult {
+    let (d, manifest) = node
+        .state
+        .call(move |s| -> Result<_, StateError> {
+            let d = s.resolve(&name)?;
+            let m = match d.head {
+                Some(h) => s.manifest(&h.manifest)?,
+                None => None,
+            };
+            Ok((d, m))
+        })
+        .await??;
+    let Some(m) = manifest.and_then(|m| m.verify().ok()) else {
+        return Err(ApiError::new(StatusCode::CONFLICT, "no published version"));
+    };
+    let mut out = Vec::new();
+    let mut total = 0u64;
+    for s in &m.shards {
+        let hash = iroh_blobs::Hash::from_bytes(*s.info.hash.as_bytes());
+        if !node.blobs.has(hash).await.unwrap_or(false) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "shard {} is not held here: fetch the datanet first",
+                    s.info.hash
+                ),
+            ));
+        }
+        let blob = node
+            .blobs
+            .get_bytes(hash)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let plain = match s.key_epoch {
+            None => blob.to_vec(),
+            Some(epoch) => {
+                let id = d.id;
+                let key = node
+                    .state
+                    .call(move |st| st.datanet_key(&id, epoch))
+                    .await??
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            StatusCode::FORBIDDEN,
+                            format!("no key for epoch {epoch} of `{}`: not granted", d.name),
+                        )
+                    })?;
+                crate::crypto::decrypt_shard(&key, &d.id, epoch, &blob)
+                    .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, e.to_string()))?
+            }
+        };
+        for line in String::from_utf8_lossy(&plain).lines() {
+            total += 1;
+            if out.len() < q.limit {
+                out.push(serde_json::from_str::<Value>(line).unwrap_or(Value::Null));
+            }
+        }
+    }
+    Ok(Json(
+        json!({ "version": m.version, "total": total, "records": out }),
+    ))
+}

@@ -1,0 +1,338 @@
+//! `cohort bench`: measurements between real `cohort up` processes on loopback (not tests).
+//!
+//! - `transfer`: one owner imports and publishes N MiB of shards; a second node fetches them
+//!   through `cohort datanet fetch` (connect, access gate, verified download, blob-store sync,
+//!   rocksdb record, provider announcement). In the same run, a plain iroh-blobs client (an
+//!   fs store and one connection, nothing else) fetches the same bytes from the same owner
+//!   before and after; the figure is the ratio of throughputs.
+//! - `publish`: N nodes joined through one owner; time from `publish` until every other node
+//!   holds the new manifest (gossip announcement, then a pull over cohort/1).
+#![allow(clippy::print_stdout)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use cohort_peer::client::Client;
+use cohort_peer::data_dir::DataDir;
+use serde_json::{Value, json};
+
+/// A `cohort up` child process, stopped with SIGTERM when dropped.
+struct Proc {
+    dir: PathBuf,
+    child: Child,
+    client: Client,
+}
+
+impl Proc {
+    fn start(dir: &Path, bootstrap: Option<&str>) -> anyhow::Result<Proc> {
+        let exe = std::env::current_exe()?;
+        DataDir::new(dir).init()?;
+        std::fs::remove_file(dir.join("node.json")).ok();
+        let log = std::fs::File::create(dir.with_extension("log"))?;
+        let mut cmd = Command::new(&exe);
+        cmd.arg("--data-dir")
+            .arg(dir)
+            .args(["up", "--sync-interval-ms", "2000"])
+            .env_remove("COHORT_DATA_DIR")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(b) = bootstrap {
+            cmd.args(["--bootstrap", b]);
+        }
+        let child = cmd.spawn().context("starting cohort up")?;
+        let start = Instant::now();
+        let client = loop {
+            if let Ok(c) = Client::for_data_dir(&DataDir::new(dir))
+                && c.node.pid == child.id()
+            {
+                break c;
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(60),
+                "node in {} did not start",
+                dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok(Proc {
+            dir: dir.to_path_buf(),
+            child,
+            client,
+        })
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        if Command::new("kill").args(["-TERM", &pid]).status().is_err() {
+            self.child.kill().ok();
+        }
+        self.child.wait().ok();
+        tracing::debug!("stopped node in {}", self.dir.display());
+    }
+}
+
+fn wait_version(c: &Client, id: &str, version: u64, deadline: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if let Ok(v) = c.get(&format!("/api/datanets/{id}"))
+            && v["version"].as_u64() >= Some(version)
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            start.elapsed() < deadline,
+            "timed out waiting for version {version}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn write_records(path: &Path, mib: u64) -> anyhow::Result<u64> {
+    use std::io::Write as _;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let target = mib << 20;
+    let mut written = 0u64;
+    let mut i = 0u64;
+    let filler = "lorem ipsum dolor sit amet ".repeat(36);
+    while written < target {
+        let line = format!(
+            r#"{{"messages":[{{"role":"user","content":"record {i}: {filler}"}},{{"role":"assistant","content":"answer {i}"}}]}}"#
+        );
+        writeln!(f, "{line}")?;
+        written += line.len() as u64 + 1;
+        i += 1;
+    }
+    f.flush()?;
+    Ok(i)
+}
+
+async fn plain_fetch(
+    work: &Path,
+    owner: &cohort_peer::node::NodeFile,
+    hashes: &[String],
+) -> anyhow::Result<(u64, Duration)> {
+    let store = iroh_blobs::store::fs::FsStore::load(work).await?;
+    let kp = cohort_protocol::Keypair::generate();
+    let endpoint = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
+        .clear_ip_transports()
+        .portmapper_config(iroh::endpoint::PortmapperConfig::Disabled)
+        .net_report_config(iroh::NetReportConfig::minimal())
+        .secret_key(cohort_peer::identity::iroh_secret_key(&kp))
+        .bind_addr("127.0.0.1:0")?
+        .bind()
+        .await?;
+    let id: cohort_protocol::PeerId = owner.peer_id.parse()?;
+    let mut addr = iroh::EndpointAddr::new(cohort_peer::identity::endpoint_id(&id));
+    for a in &owner.addrs {
+        addr = addr.with_ip_addr(*a);
+    }
+    let start = Instant::now();
+    let conn = endpoint.connect(addr, iroh_blobs::ALPN).await?;
+    let mut bytes = 0;
+    for h in hashes {
+        let h: cohort_protocol::ContentHash = h.parse()?;
+        let stats = store
+            .remote()
+            .fetch(conn.clone(), iroh_blobs::Hash::from_bytes(*h.as_bytes()))
+            .complete()
+            .await?;
+        bytes += stats.payload_bytes_read;
+    }
+    store.sync_db().await?;
+    let took = start.elapsed();
+    conn.close(0u32.into(), b"done");
+    endpoint.close().await;
+    store.shutdown().await?;
+    Ok((bytes, took))
+}
+
+fn mib_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
+}
+
+/// `cohort bench transfer`.
+pub fn transfer(work: &Path, mib: u64, shard_mib: u64, rounds: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(rounds >= 1, "at least one round");
+    std::fs::create_dir_all(work)?;
+    let jsonl = work.join("records.jsonl");
+    let records = write_records(&jsonl, mib)?;
+    let file_bytes = std::fs::metadata(&jsonl)?.len();
+    println!("generated {records} records, {file_bytes} bytes of JSONL");
+
+    let a = Proc::start(&work.join("owner"), None)?;
+    let created = a.client.post(
+        "/api/datanets",
+        &json!({"name": "bench", "schema": "chat", "license": "CC0-1.0"}),
+    )?;
+    let id = created["id"].as_str().context("id")?.to_owned();
+    let t = Instant::now();
+    let added = a.client.post(
+        &format!("/api/datanets/{id}/add"),
+        &json!({"files": [std::path::absolute(&jsonl)?], "shard_bytes": shard_mib << 20}),
+    )?;
+    let import = t.elapsed();
+    let published = a
+        .client
+        .post(&format!("/api/datanets/{id}/publish"), &json!({}))?;
+    let shards: Vec<String> = added["shards"]
+        .as_array()
+        .context("shards")?
+        .iter()
+        .filter_map(|s| s["hash"].as_str().map(str::to_owned))
+        .collect();
+    let shard_bytes: u64 = added["shards"]
+        .as_array()
+        .context("shards")?
+        .iter()
+        .filter_map(|s| s["bytes"].as_u64())
+        .sum();
+    println!(
+        "import: {} shards, {shard_bytes} bytes in {:.2} s ({:.1} MiB/s); published version {}",
+        shards.len(),
+        import.as_secs_f64(),
+        mib_s(file_bytes, import),
+        published["version"]
+    );
+
+    // Alternate plain and cohort fetches, each into a fresh store (a fresh node for cohort),
+    // so that load from other processes on the machine hits both alike.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let plain_dir = work.join(format!("plain{round}"));
+        let (p_bytes, p) = rt.block_on(plain_fetch(&plain_dir, &a.client.node, &shards))?;
+        std::fs::remove_dir_all(&plain_dir).ok();
+        anyhow::ensure!(
+            p_bytes == shard_bytes,
+            "plain fetched {p_bytes} of {shard_bytes} bytes"
+        );
+        let fetcher = Proc::start(
+            &work.join(format!("fetcher{round}")),
+            Some(&a.client.node.bootstrap),
+        )?;
+        wait_version(&fetcher.client, &id, 1, Duration::from_secs(60))?;
+        let t = Instant::now();
+        let fetched = fetcher
+            .client
+            .post(&format!("/api/datanets/{id}/fetch"), &json!({}))?;
+        let cohort = t.elapsed();
+        let c_bytes = fetched["report"]["bytes"].as_u64().unwrap_or(0);
+        anyhow::ensure!(
+            c_bytes == shard_bytes,
+            "cohort fetched {c_bytes} of {shard_bytes} bytes"
+        );
+        drop(fetcher);
+        std::fs::remove_dir_all(work.join(format!("fetcher{round}"))).ok();
+        let ratio = mib_s(c_bytes, cohort) / mib_s(p_bytes, p);
+        println!(
+            "round {round}: cohort node's own timing: {} ms in blob transfers, {} ms whole fetch",
+            fetched["report"]["transfer_ms"], fetched["report"]["total_ms"]
+        );
+        println!(
+            "round {round}: plain iroh-blobs {:.2} s = {:.1} MiB/s; cohort datanet fetch {:.2} s = {:.1} MiB/s; ratio {ratio:.2}",
+            p.as_secs_f64(),
+            mib_s(p_bytes, p),
+            cohort.as_secs_f64(),
+            mib_s(c_bytes, cohort),
+        );
+        ratios.push(ratio);
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "ratio cohort / plain iroh-blobs over {rounds} rounds: median {:.2} (min {:.2}, max {:.2})",
+        ratios[ratios.len() / 2],
+        ratios[0],
+        ratios[ratios.len() - 1]
+    );
+    drop(a);
+    std::fs::remove_dir_all(work).ok();
+    Ok(())
+}
+
+/// `cohort bench publish`.
+pub fn publish(work: &Path, nodes: usize, rounds: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(nodes >= 2, "at least two nodes");
+    std::fs::create_dir_all(work)?;
+    let owner = Proc::start(&work.join("n0"), None)?;
+    let mut peers = Vec::new();
+    for i in 1..nodes {
+        peers.push(Proc::start(
+            &work.join(format!("n{i}")),
+            Some(&owner.client.node.bootstrap),
+        )?);
+    }
+    let start = Instant::now();
+    for p in &peers {
+        loop {
+            let s = p.client.get("/api/status")?;
+            if s["neighbours"].as_array().is_some_and(|n| !n.is_empty()) {
+                break;
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(60),
+                "gossip did not join"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    println!(
+        "{nodes} nodes up and joined in {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+    let created = owner.client.post(
+        "/api/datanets",
+        &json!({"name": "fanout", "schema": "alpaca"}),
+    )?;
+    let id = created["id"].as_str().context("id")?.to_owned();
+    let mut samples = Vec::new();
+    for round in 1..=rounds {
+        let f = work.join(format!("r{round}.jsonl"));
+        std::fs::write(
+            &f,
+            format!("{{\"instruction\":\"round {round}\",\"input\":\"\",\"output\":\"ok\"}}\n"),
+        )?;
+        owner.client.post(
+            &format!("/api/datanets/{id}/add"),
+            &json!({"files": [std::path::absolute(&f)?]}),
+        )?;
+        let t = Instant::now();
+        owner
+            .client
+            .post(&format!("/api/datanets/{id}/publish"), &json!({}))?;
+        let mut pending: Vec<&Proc> = peers.iter().collect();
+        while !pending.is_empty() {
+            pending.retain(|p| {
+                !p.client
+                    .get(&format!("/api/datanets/{id}"))
+                    .is_ok_and(|v: Value| v["version"].as_u64() >= Some(round))
+            });
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(60),
+                "round {round} timed out"
+            );
+        }
+        let took = t.elapsed();
+        println!(
+            "version {round}: all {} other nodes hold the manifest {:.0} ms after publish",
+            peers.len(),
+            took.as_secs_f64() * 1000.0
+        );
+        samples.push(took);
+    }
+    samples.sort();
+    println!(
+        "publish -> all {nodes} nodes hold the manifest: median {:.0} ms, max {:.0} ms over {rounds} versions",
+        samples[samples.len() / 2].as_secs_f64() * 1000.0,
+        samples[samples.len() - 1].as_secs_f64() * 1000.0
+    );
+    drop(peers);
+    drop(owner);
+    std::fs::remove_dir_all(work).ok();
+    Ok(())
+}
