@@ -3,36 +3,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write as _;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use cohort_tests::{cohort_bin, failure, repo_root, success};
-
-/// The default model in the cache; under CI its absence fails the test, elsewhere it skips.
-fn model_present() -> bool {
-    let dir = std::env::var_os("COHORT_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
-            cache.join("cohort/models")
-        });
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if path.is_file() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").map_or(true, |v| v != "true"),
-        "{} is missing under CI: scripts/fetch-model.sh must run first",
-        path.display()
-    );
-    eprintln!(
-        "skipped: {} is missing (run scripts/fetch-model.sh)",
-        path.display()
-    );
-    false
-}
+use cohort_tests::{cohort_bin, default_model_present, failure, repo_root, success};
 
 fn fixture() -> serde_json::Value {
     let text =
@@ -43,7 +16,7 @@ fn fixture() -> serde_json::Value {
 
 #[test]
 fn model_list_names_the_default_model_by_its_blake3_hash() {
-    if !model_present() {
+    if !default_model_present() {
         return;
     }
     let out = success(
@@ -62,7 +35,7 @@ fn model_list_names_the_default_model_by_its_blake3_hash() {
 
 #[test]
 fn chat_answers_once_and_interactively() {
-    if !model_present() {
+    if !default_model_present() {
         return;
     }
     let out = success(
@@ -96,7 +69,7 @@ fn chat_answers_once_and_interactively() {
 
 #[test]
 fn perplexity_agrees_with_llama_cpp_on_the_fixed_text() {
-    if !model_present() {
+    if !default_model_present() {
         return;
     }
     let want = fixture();

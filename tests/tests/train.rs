@@ -3,35 +3,9 @@
 //! phrased in a way it never trained on, which the base model gets wrong.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use cohort_tests::{cohort_bin, repo_root, success};
-
-fn model_present() -> bool {
-    let dir = std::env::var_os("COHORT_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
-            cache.join("cohort/models")
-        });
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if path.is_file() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").map_or(true, |v| v != "true"),
-        "{} is missing under CI",
-        path.display()
-    );
-    eprintln!(
-        "skipped: {} is missing (run scripts/fetch-model.sh)",
-        path.display()
-    );
-    false
-}
+use cohort_tests::{cohort_bin, default_model_present, repo_root, success};
 
 fn ask(adapter: Option<&std::path::Path>, question: &str) -> String {
     let mut cmd = Command::new(cohort_bin());
@@ -44,7 +18,7 @@ fn ask(adapter: Option<&std::path::Path>, question: &str) -> String {
 
 #[test]
 fn a_short_lora_run_teaches_the_model_invented_facts() {
-    if !model_present() {
+    if !default_model_present() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
