@@ -222,6 +222,9 @@ enum BenchCommand {
     /// Prefill and greedy-decode tokens/s of a model on this machine, optionally side by side
     /// with llama.cpp (the anchor script `llama_cpp_bench.py`) in the same run.
     Model(model_cli::BenchModelArgs),
+    /// LoRA training tokens/s on a random model of a given shape, optionally side by side with
+    /// Hugging Face transformers + PEFT (the anchor script `peft_cpu_lora.py`) in the same run.
+    Train(model_cli::BenchTrainArgs),
     /// Shard transfer throughput between two nodes, side by side with plain iroh-blobs.
     Transfer {
         /// MiB of records to import and transfer.
@@ -666,6 +669,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             match command {
                 BenchCommand::Model(args) => model_cli::bench_model(args)?,
+                BenchCommand::Train(args) => model_cli::bench_train(args)?,
                 BenchCommand::Transfer {
                     mib,
                     shard_mib,

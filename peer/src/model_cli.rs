@@ -717,3 +717,122 @@ pub fn adapter(cmd: &AdapterCommand) -> anyhow::Result<()> {
         }
     }
 }
+
+/// `cohort bench train`: LoRA training tokens/s on a random model of the anchor's shape.
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    #[arg(long, default_value_t = 384)]
+    hidden: usize,
+    #[arg(long, default_value_t = 1024)]
+    inter: usize,
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    #[arg(long, default_value_t = 6)]
+    heads: usize,
+    #[arg(long, default_value_t = 6)]
+    kv: usize,
+    #[arg(long, default_value_t = 8192)]
+    vocab: usize,
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    #[arg(
+        long,
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    targets: String,
+    /// Also run the PEFT anchor: a Python with torch, transformers and peft ...
+    #[arg(long, requires = "anchor_script", value_name = "PYTHON")]
+    anchor_python: Option<PathBuf>,
+    /// ... and the anchor script (`peft_cpu_lora.py`).
+    #[arg(long, value_name = "SCRIPT")]
+    anchor_script: Option<PathBuf>,
+    /// Run the anchor under bf16 autocast too.
+    #[arg(long)]
+    anchor_bf16: bool,
+}
+
+pub fn bench_train(args: &BenchTrainArgs) -> anyhow::Result<()> {
+    use cohort_trainer::bench::{TrainShape, training};
+    let shape = TrainShape {
+        hidden: args.hidden,
+        inter: args.inter,
+        layers: args.layers,
+        heads: args.heads,
+        kv_heads: args.kv,
+        vocab: args.vocab,
+        seq: args.seq,
+        batch: args.batch,
+        rank: args.rank,
+        targets: args.targets.split(',').map(str::to_string).collect(),
+    };
+    let dir = tempfile_dir()?;
+    let ours = training(&shape, args.steps, args.warmup, &dir).map_err(anyhow::Error::msg);
+    let _ = std::fs::remove_dir_all(&dir);
+    let ours = ours?;
+    let mut line =
+        serde_json::json!({ "cohort": ours, "peak_rss_mb": peak_rss().map(|b| b / 1_000_000) });
+    if let (Some(python), Some(script)) = (&args.anchor_python, &args.anchor_script) {
+        let mut runs = vec![false];
+        if args.anchor_bf16 {
+            runs.push(true);
+        }
+        for bf16 in runs {
+            let mut cmd = std::process::Command::new(python);
+            cmd.arg(script);
+            for (k, v) in [
+                ("hidden", args.hidden),
+                ("inter", args.inter),
+                ("layers", args.layers),
+                ("heads", args.heads),
+                ("kv", args.kv),
+                ("vocab", args.vocab),
+                ("seq", args.seq),
+                ("batch", args.batch),
+                ("steps", args.steps),
+                ("warmup", args.warmup),
+                ("rank", args.rank),
+                ("threads", ours.threads),
+            ] {
+                cmd.arg(format!("--{k}")).arg(v.to_string());
+            }
+            cmd.args(["--targets", &args.targets]);
+            if bf16 {
+                cmd.arg("--bf16");
+            }
+            let out = cmd
+                .output()
+                .with_context(|| format!("running {}", python.display()))?;
+            anyhow::ensure!(
+                out.status.success(),
+                "the anchor failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let anchor: serde_json::Value =
+                serde_json::from_str(stdout.lines().last().unwrap_or_default())
+                    .with_context(|| format!("the anchor printed {stdout:?}"))?;
+            let key = if bf16 { "peft_bf16" } else { "peft" };
+            line[format!("ratio_vs_{key}")] = anchor["tokens_per_s"]
+                .as_f64()
+                .map(|a| ours.tokens_per_s / a)
+                .into();
+            line[key] = anchor;
+        }
+    }
+    println!("{line}");
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("cohort-bench-train-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}

@@ -151,6 +151,9 @@ pub fn param_ids(layer: usize, proj: Proj) -> (u64, u64) {
     (base, base + 1)
 }
 
+/// Cohort's own file in an adapter directory, for what PEFT's config has no key for.
+pub const COHORT_SIDECAR: &str = "cohort_adapter.json";
+
 /// An adapter's factors as plain values, independent of any device.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterWeights {
@@ -295,11 +298,13 @@ impl AdapterWeights {
             "use_dora": false,
             "modules_to_save": null,
             "revision": null,
-            "cohort_seed": self.spec.seed,
         });
         let text =
             serde_json::to_string_pretty(&config).map_err(|e| io(std::io::Error::other(e)))?;
-        std::fs::write(dir.join("adapter_config.json"), text).map_err(io)
+        std::fs::write(dir.join("adapter_config.json"), text).map_err(io)?;
+        // What PEFT's config has no key for (PEFT warns about unknown keys) goes beside it.
+        let ours = serde_json::json!({ "seed": self.spec.seed });
+        std::fs::write(dir.join(COHORT_SIDECAR), ours.to_string()).map_err(io)
     }
 
     /// Reads a PEFT LoRA adapter directory.
@@ -344,12 +349,18 @@ impl AdapterWeights {
                 ));
             }
         };
+        // The seed of A's initialisation, when Cohort wrote the adapter (0 otherwise).
+        let seed = std::fs::read_to_string(dir.join(COHORT_SIDECAR))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["seed"].as_u64())
+            .unwrap_or(0);
         let spec = LoraSpec {
             rank,
             alpha,
             rslora: j["use_rslora"].as_bool().unwrap_or(false),
             targets,
-            seed: j["cohort_seed"].as_u64().unwrap_or(0),
+            seed,
         };
         spec.validate()?;
         let st_path = dir.join("adapter_model.safetensors");

@@ -58,3 +58,159 @@ pub fn argmax(values: &[f32]) -> u32 {
     }
     best as u32
 }
+
+/// The model and batch shape of a training benchmark (the anchors' `peft_cpu_lora.py` flags).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TrainShape {
+    pub hidden: usize,
+    pub inter: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub vocab: usize,
+    pub seq: usize,
+    pub batch: usize,
+    pub rank: usize,
+    pub targets: Vec<String>,
+}
+
+/// A training benchmark's figures.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TrainBench {
+    pub shape: TrainShape,
+    pub steps: usize,
+    pub threads: usize,
+    pub tokens_per_s: f64,
+    pub loss: f64,
+}
+
+/// Writes a GGUF file of a Llama with random F32 weights (tied embeddings, seeded).
+pub fn random_model(shape: &TrainShape, seed: u64, path: &std::path::Path) -> std::io::Result<()> {
+    use crate::gguf::write::GgufWriter;
+    use crate::gguf::{GgmlType, Value};
+    let mut rng = cohort_protocol::rng::SplitMix64::new(seed);
+    let mut random = |n: usize, scale: f64| -> Vec<f32> {
+        (0..n)
+            .map(|_| ((2.0 * rng.next_f64() - 1.0) * scale) as f32)
+            .collect()
+    };
+    let (h, i) = (shape.hidden, shape.inter);
+    let hd = h / shape.heads;
+    let kv = shape.kv_heads * hd;
+    let mut w = GgufWriter::new();
+    w.metadata("general.architecture", Value::String("llama".into()))
+        .metadata("llama.block_count", Value::U32(shape.layers as u32))
+        .metadata("llama.context_length", Value::U32((shape.seq * 2) as u32))
+        .metadata("llama.embedding_length", Value::U32(h as u32))
+        .metadata("llama.feed_forward_length", Value::U32(i as u32))
+        .metadata("llama.attention.head_count", Value::U32(shape.heads as u32))
+        .metadata(
+            "llama.attention.head_count_kv",
+            Value::U32(shape.kv_heads as u32),
+        )
+        .metadata("llama.vocab_size", Value::U32(shape.vocab as u32));
+    let std = 0.02;
+    w.tensor_f32(
+        "token_embd.weight",
+        &[h as u64, shape.vocab as u64],
+        GgmlType::F32,
+        &random(shape.vocab * h, std),
+    );
+    for l in 0..shape.layers {
+        let mut m = |name: &str, rows: usize, cols: usize| {
+            let values = random(rows * cols, std);
+            w.tensor_f32(
+                format!("blk.{l}.{name}.weight"),
+                &[cols as u64, rows as u64],
+                GgmlType::F32,
+                &values,
+            );
+        };
+        m("attn_q", h, h);
+        m("attn_k", kv, h);
+        m("attn_v", kv, h);
+        m("attn_output", h, h);
+        m("ffn_gate", i, h);
+        m("ffn_up", i, h);
+        m("ffn_down", h, i);
+        w.tensor_f32(
+            format!("blk.{l}.attn_norm.weight"),
+            &[h as u64],
+            GgmlType::F32,
+            &vec![1.0; h],
+        );
+        w.tensor_f32(
+            format!("blk.{l}.ffn_norm.weight"),
+            &[h as u64],
+            GgmlType::F32,
+            &vec![1.0; h],
+        );
+    }
+    w.tensor_f32(
+        "output_norm.weight",
+        &[h as u64],
+        GgmlType::F32,
+        &vec![1.0; h],
+    );
+    w.write(path)
+}
+
+/// LoRA training throughput on a random model of `shape`: `warmup` steps, then `steps` timed
+/// steps of forward, backward and AdamW on one random batch, every position a target (what the
+/// anchor does with `labels = input_ids`). Tokens per second count `batch · seq` per step.
+pub fn training(
+    shape: &TrainShape,
+    steps: usize,
+    warmup: usize,
+    dir: &std::path::Path,
+) -> Result<TrainBench, String> {
+    use burn::optim::{AdamWConfig, GradientsParams};
+    let path = dir.join("bench-model.gguf");
+    random_model(shape, 1, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file = crate::gguf::GgufFile::open(&path).map_err(|e| e.to_string())?;
+    let device = burn::tensor::Device::flex().autodiff();
+    let mut model = crate::model::Llama::from_gguf(&file, &device).map_err(|e| e.to_string())?;
+    let spec = crate::adapter::LoraSpec {
+        rank: shape.rank,
+        alpha: 2.0 * shape.rank as f32,
+        rslora: false,
+        targets: shape.targets.clone(),
+        seed: 0,
+    };
+    crate::adapter::attach(&mut model, &spec).map_err(|e| e.to_string())?;
+    let mut rng = cohort_protocol::rng::SplitMix64::new(7);
+    let tokens: Vec<u32> = (0..shape.batch * (shape.seq + 1))
+        .map(|_| (rng.next_u64() % shape.vocab as u64) as u32)
+        .collect();
+    let mut batch = crate::data::Batch {
+        batch: shape.batch,
+        len: shape.seq,
+        inputs: Vec::new(),
+        targets: Vec::new(),
+        weights: vec![1.0; shape.batch * shape.seq],
+    };
+    for row in tokens.chunks(shape.seq + 1) {
+        batch.inputs.extend_from_slice(&row[..shape.seq]);
+        batch.targets.extend_from_slice(&row[1..]);
+    }
+    let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
+    let mut loss = 0.0;
+    let mut start = Instant::now();
+    for s in 0..warmup + steps {
+        if s == warmup {
+            start = Instant::now();
+        }
+        let l = crate::train::masked_loss(&model, &batch, &device);
+        loss = l.clone().into_scalar::<f32>() as f64;
+        let grads = GradientsParams::from_grads(l.backward(), &model);
+        model = optim.step(1e-3, model, grads);
+    }
+    let dt = start.elapsed().as_secs_f64();
+    Ok(TrainBench {
+        shape: shape.clone(),
+        steps,
+        threads: rayon::current_num_threads(),
+        tokens_per_s: (shape.batch * shape.seq * steps) as f64 / dt,
+        loss,
+    })
+}
