@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::identity::endpoint_id;
-use crate::import::{DEFAULT_SHARD_BYTES, ImportError, InterimByteEstimate, import_files};
+use crate::import::{DEFAULT_SHARD_BYTES, ImportError, default_token_counter, import_files};
 use crate::node::Node;
 use crate::routing::ContentRouting as _;
 use crate::state::{DatanetRecord, StateError, StateGone, SubmissionStatus, now};
@@ -352,7 +352,7 @@ async fn import_into_blobs(
     let id = d.id;
     let max = body.shard_bytes.unwrap_or(DEFAULT_SHARD_BYTES).max(1024);
     let imported = tokio::task::spawn_blocking(move || {
-        import_files(&files, schema, &InterimByteEstimate, max, &|h| {
+        import_files(&files, schema, default_token_counter(), max, &|h| {
             dedup_against_store && crate::state::has_record(&reader, &id, h).unwrap_or(false)
         })
     })

@@ -23,10 +23,8 @@ pub trait TokenCounter {
     fn count(&self, text: &str) -> u64;
 }
 
-/// An interim token estimate: one token per 4 bytes of UTF-8, rounded up.
-///
-// TODO(follow-up issue: default tokenizer in the peer): count with cohort-trainer's default
-// tokenizer once it lands, behind this same trait.
+/// A fallback estimate when no tokenizer is available: one token per 4 bytes of UTF-8, rounded
+/// up.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct InterimByteEstimate;
 
@@ -34,6 +32,42 @@ impl TokenCounter for InterimByteEstimate {
     fn count(&self, text: &str) -> u64 {
         (text.len() as u64).div_ceil(4)
     }
+}
+
+/// Counts with a model's own tokenizer (record text as plain text: special-token spellings in
+/// the data are not turned into control tokens).
+#[derive(Debug)]
+pub struct ModelTokenCounter(cohort_trainer::tokenizer::Tokenizer);
+
+impl TokenCounter for ModelTokenCounter {
+    fn count(&self, text: &str) -> u64 {
+        self.0.encode(text, false).len() as u64
+    }
+}
+
+/// The default base model's tokenizer (SmolLM2's byte-level BPE, read from the GGUF in the
+/// model cache) when the model is there, else [`InterimByteEstimate`]; built once per process.
+pub fn default_token_counter() -> &'static (dyn TokenCounter + Sync) {
+    static COUNTER: std::sync::OnceLock<Box<dyn TokenCounter + Send + Sync>> =
+        std::sync::OnceLock::new();
+    COUNTER
+        .get_or_init(|| {
+            let path = cohort_trainer::models::default_model_path();
+            let loaded = cohort_trainer::gguf::GgufFile::open(&path)
+                .ok()
+                .and_then(|f| cohort_trainer::tokenizer::Tokenizer::from_gguf(&f).ok());
+            match loaded {
+                Some(t) => Box::new(ModelTokenCounter(t)),
+                None => {
+                    tracing::warn!(
+                        "no tokenizer at {}: token counts are estimated (4 bytes a token); run scripts/fetch-model.sh",
+                        path.display()
+                    );
+                    Box::new(InterimByteEstimate)
+                }
+            }
+        })
+        .as_ref()
 }
 
 /// Why a file could not be imported. Every variant names the file; record errors name the line
