@@ -358,8 +358,10 @@ impl Engine {
             let qv = &q[idx * hd..(idx + 1) * hd];
             kernels::attend_dispatch(qv, keys, values, kv_dim, kvh * hd, past + t + 1, scale, o);
         };
-        // Few queries over a short context: a fork-join costs more than the work.
-        if out.len() / hd * (past + out.len() / hd / nh) < 4096 {
+        // Few queries over a short context: a fork-join costs more than the work. Beyond that,
+        // even one decoded token's heads run in parallel (measured: decode 105 -> 125 tokens/s
+        // with a 128-token prompt, where attention on one thread had left the other idle).
+        if out.len() / hd * (past + out.len() / hd / nh) < 1024 {
             out.chunks_mut(hd).enumerate().for_each(one);
         } else {
             out.par_chunks_mut(hd).enumerate().for_each(one);
