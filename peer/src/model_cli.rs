@@ -406,6 +406,9 @@ pub struct TrainArgs {
     alpha: f32,
     #[arg(long)]
     rslora: bool,
+    /// Dropout on the adapters' inputs while training (PEFT's lora_dropout).
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f32,
     /// Comma-separated projections to adapt.
     #[arg(
         long,
@@ -521,6 +524,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         rank: args.rank,
         alpha: args.alpha,
         rslora: args.rslora,
+        dropout: args.lora_dropout,
         targets: args.targets.clone(),
         seed: args.seed,
     };
@@ -538,6 +542,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         },
         seed: args.seed,
         max_steps: args.max_steps,
+        lora_dropout: args.lora_dropout,
         ..TrainConfig::default()
     };
     cfg.validate()?;

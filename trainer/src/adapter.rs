@@ -31,6 +31,9 @@ pub struct LoraSpec {
     pub alpha: f32,
     #[serde(default)]
     pub rslora: bool,
+    /// LoRA dropout used in training (recorded in the PEFT config; no effect at inference).
+    #[serde(default)]
+    pub dropout: f32,
     /// PEFT module names: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`,
     /// `down_proj`.
     pub targets: Vec<String>,
@@ -43,6 +46,7 @@ impl Default for LoraSpec {
             rank: 8,
             alpha: 16.0,
             rslora: false,
+            dropout: 0.0,
             targets: Proj::ALL.iter().map(|p| p.hf_name().to_string()).collect(),
             seed: 0,
         }
@@ -288,7 +292,7 @@ impl AdapterWeights {
             "base_model_name_or_path": base_model,
             "r": self.spec.rank,
             "lora_alpha": self.spec.alpha,
-            "lora_dropout": 0.0,
+            "lora_dropout": self.spec.dropout,
             "target_modules": self.spec.targets,
             "use_rslora": self.spec.rslora,
             "bias": "none",
@@ -359,6 +363,7 @@ impl AdapterWeights {
             rank,
             alpha,
             rslora: j["use_rslora"].as_bool().unwrap_or(false),
+            dropout: j["lora_dropout"].as_f64().unwrap_or(0.0) as f32,
             targets,
             seed,
         };

@@ -174,6 +174,7 @@ pub fn training(
         rank: shape.rank,
         alpha: 2.0 * shape.rank as f32,
         rslora: false,
+        dropout: 0.0,
         targets: shape.targets.clone(),
         seed: 0,
     };

@@ -17,8 +17,8 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use cohort_protocol::rng::SplitMix64;
 
 use crate::data::{Batch, Example};
-use crate::model::Llama;
 use crate::model::weights::Proj;
+use crate::model::{Llama, LoraDropout};
 
 /// How the learning rate moves after warmup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -43,6 +43,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Stop after this many optimizer steps (all epochs when `None`).
     pub max_steps: Option<usize>,
+    /// LoRA dropout probability on the adapters' inputs (PEFT's `lora_dropout`).
+    #[serde(default)]
+    pub lora_dropout: f32,
 }
 
 /// Where and how often [`train_with`] saves a checkpoint, and whether it starts from one.
@@ -82,6 +85,7 @@ impl Default for TrainConfig {
             weight_decay: 0.0,
             seed: 0,
             max_steps: None,
+            lora_dropout: 0.0,
         }
     }
 }
@@ -138,6 +142,12 @@ impl TrainConfig {
         if self.grad_accum == 0 {
             return bad("grad_accum", "must be at least 1".into());
         }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return bad(
+                "lora_dropout",
+                format!("{} is not in [0, 1)", self.lora_dropout),
+            );
+        }
         if self.max_grad_norm.is_nan() || self.max_grad_norm <= 0.0 {
             return bad(
                 "max_grad_norm",
@@ -171,6 +181,16 @@ impl TrainConfig {
 
 /// Mean negative log-likelihood of `batch`'s weighted targets under `model` (a scalar tensor).
 pub fn masked_loss(model: &Llama, batch: &Batch, device: &Device) -> Tensor<1> {
+    masked_loss_with(model, batch, device, None)
+}
+
+/// [`masked_loss`] with LoRA dropout (training).
+pub fn masked_loss_with(
+    model: &Llama,
+    batch: &Batch,
+    device: &Device,
+    drop: Option<&mut LoraDropout>,
+) -> Tensor<1> {
     let inputs: Vec<i64> = batch.inputs.iter().map(|t| i64::from(*t)).collect();
     let targets: Vec<i64> = batch.targets.iter().map(|t| i64::from(*t)).collect();
     let (b, t) = (batch.batch, batch.len);
@@ -182,7 +202,7 @@ pub fn masked_loss(model: &Llama, batch: &Batch, device: &Device) -> Tensor<1> {
     );
     let count = batch.weights.iter().sum::<f32>().max(1.0);
     // A sequence longer than the context is a caller error; the batcher cuts to the context.
-    let logits = match model.forward(inputs, None) {
+    let logits = match model.forward_train(inputs, None, drop) {
         Ok(l) => l,
         Err(e) => panic!("masked_loss: {e}"),
     };
@@ -272,7 +292,7 @@ pub fn train_with(
             let micro: Vec<&[usize]> = group.chunks(cfg.batch_size).collect();
             let mut summed: Option<GradientsParams> = None;
             let (mut loss_sum, mut targets, mut tokens) = (0f64, 0usize, 0usize);
-            for m in &micro {
+            for (mi, m) in micro.iter().enumerate() {
                 let exs: Vec<&Example> = m.iter().map(|i| usable[*i]).collect();
                 let batch = Batch::pad(&exs, pad);
                 targets += batch.target_tokens();
@@ -280,7 +300,18 @@ pub fn train_with(
                     .iter()
                     .map(|e| e.tokens.len().saturating_sub(1))
                     .sum::<usize>();
-                let loss = masked_loss(&model, &batch, &device).div_scalar(micro.len() as f64);
+                // Dropout masks are seeded by (seed, step, micro-batch): the same on every peer,
+                // and the same after a resume.
+                let mut drop = (cfg.lora_dropout > 0.0).then(|| {
+                    LoraDropout::new(
+                        cfg.lora_dropout,
+                        cfg.seed
+                            ^ 0xD4_0B0E
+                            ^ ((step as u64) << 16 | mi as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    )
+                });
+                let loss = masked_loss_with(&model, &batch, &device, drop.as_mut())
+                    .div_scalar(micro.len() as f64);
                 loss_sum += loss.clone().into_scalar::<f32>() as f64;
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 summed = Some(match summed {

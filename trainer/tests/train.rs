@@ -450,3 +450,51 @@ fn a_run_resumed_from_a_checkpoint_ends_with_the_same_bits() {
         "bit-identical to the uninterrupted run"
     );
 }
+
+#[test]
+fn lora_dropout_is_seeded_and_still_learns() {
+    let fx = fixture();
+    let tok = Tokenizer::from_gguf(&fx.file).unwrap();
+    let tpl = ChatTemplate::from_gguf(&fx.file).unwrap();
+    let ex: Vec<_> = records()
+        .iter()
+        .map(|r| tokenize(r, &tok, &tpl, 64).unwrap())
+        .collect();
+    let spec = LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        seed: 2,
+        dropout: 0.3,
+        ..LoraSpec::default()
+    };
+    let run = |p: f32| {
+        let mut m = Llama::from_gguf(&fx.file, &Device::flex().autodiff()).unwrap();
+        attach(&mut m, &spec).unwrap();
+        let cfg = TrainConfig {
+            learning_rate: 1e-2,
+            epochs: 40,
+            batch_size: 2,
+            seed: 2,
+            lora_dropout: p,
+            max_steps: Some(20),
+            ..TrainConfig::default()
+        };
+        let mut losses = Vec::new();
+        let m = train(m, &ex, &cfg, 0, |e| losses.push(e.loss)).unwrap();
+        (losses, AdapterWeights::from_model(&m, &spec))
+    };
+    let (l1, w1) = run(0.3);
+    let (_, w2) = run(0.3);
+    let (_, w0) = run(0.0);
+    assert_eq!(
+        w1, w2,
+        "the same seed gives the same masks and the same adapter"
+    );
+    assert_ne!(w1, w0, "dropout changes training");
+    assert!(l1[l1.len() - 1] < l1[0] / 2.0, "still learns: {:?}", l1);
+    let bad = TrainConfig {
+        lora_dropout: 1.0,
+        ..TrainConfig::default()
+    };
+    assert!(bad.validate().is_err());
+}

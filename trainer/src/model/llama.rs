@@ -52,6 +52,20 @@ impl Projection {
         }
     }
 
+    /// [`forward`](Self::forward) with LoRA dropout on the adapter's input (training only):
+    /// `x·Wᵀ + s·((x ⊙ mask)·Aᵀ)·Bᵀ`, PEFT's `lora_dropout`.
+    pub fn forward_train(&self, x: Tensor<3>, drop: Option<&mut LoraDropout>) -> Tensor<3> {
+        match (&self.lora, drop) {
+            (Some(l), Some(d)) if d.p > 0.0 => {
+                let base = linear(x.clone(), self.weight.val().transpose(), None);
+                let mask = d.mask(x.dims(), &x.device());
+                let down = linear(x * mask, l.a.val().transpose(), None).mul_scalar(l.scaling);
+                base + linear(down, l.b.val().transpose(), None)
+            }
+            _ => self.forward(x),
+        }
+    }
+
     /// The weight, `[out_features, in_features]`.
     pub fn weight(&self) -> &Param<Tensor<2>> {
         &self.weight
@@ -75,6 +89,34 @@ impl Projection {
     /// Removes the LoRA update.
     pub fn clear_adapter(&mut self) {
         self.lora = None;
+    }
+}
+
+/// LoRA dropout for training (PEFT's `lora_dropout`): each adapted projection's input to `A` is
+/// multiplied by a fresh mask of zeros (probability `p`) and `1/(1-p)`. Masks come from
+/// SplitMix64, not burn's device RNG, so that the same seed gives the same masks on every peer.
+#[derive(Debug)]
+pub struct LoraDropout {
+    pub p: f32,
+    rng: cohort_protocol::rng::SplitMix64,
+}
+
+impl LoraDropout {
+    pub fn new(p: f32, seed: u64) -> LoraDropout {
+        LoraDropout {
+            p,
+            rng: cohort_protocol::rng::SplitMix64::new(seed),
+        }
+    }
+
+    fn mask(&mut self, dims: [usize; 3], device: &Device) -> Tensor<3> {
+        let keep = 1.0 / (1.0 - self.p);
+        let p = f64::from(self.p);
+        let n = dims.iter().product::<usize>();
+        let values: Vec<f32> = (0..n)
+            .map(|_| if self.rng.next_f64() < p { 0.0 } else { keep })
+            .collect();
+        Tensor::<3>::from_data(TensorData::new(values, dims), (device, DType::F32))
     }
 }
 
@@ -246,7 +288,17 @@ impl Llama {
         tokens: Tensor<2, Int>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor<3>, ContextLengthError> {
-        let hidden = self.hidden(tokens, cache)?;
+        self.forward_train(tokens, cache, None)
+    }
+
+    /// [`forward`](Self::forward) with LoRA dropout (training).
+    pub fn forward_train(
+        &self,
+        tokens: Tensor<2, Int>,
+        cache: Option<&mut KvCache>,
+        drop: Option<&mut LoraDropout>,
+    ) -> Result<Tensor<3>, ContextLengthError> {
+        let hidden = self.hidden_train(tokens, cache, drop)?;
         let head = match &self.lm_head {
             Some(p) => p.weight.val(),
             None => self.embed.val(),
@@ -258,7 +310,16 @@ impl Llama {
     pub fn hidden(
         &self,
         tokens: Tensor<2, Int>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor<3>, ContextLengthError> {
+        self.hidden_train(tokens, cache, None)
+    }
+
+    fn hidden_train(
+        &self,
+        tokens: Tensor<2, Int>,
         mut cache: Option<&mut KvCache>,
+        mut drop: Option<&mut LoraDropout>,
     ) -> Result<Tensor<3>, ContextLengthError> {
         let [batch, seq] = tokens.dims();
         let device = tokens.device();
@@ -284,7 +345,7 @@ impl Llama {
         }
         for (i, block) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = self.block(block, x, &cos, &sin, &mask, slot);
+            x = self.block(block, x, &cos, &sin, &mask, slot, drop.as_deref_mut());
         }
         if let Some(c) = cache {
             c.len = past + seq;
@@ -292,6 +353,7 @@ impl Llama {
         Ok(rms_norm(x, &self.norm, self.rms_norm_eps))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn block(
         &self,
         b: &Block,
@@ -300,14 +362,23 @@ impl Llama {
         sin: &Tensor<4>,
         mask: &Tensor<2, Bool>,
         cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+        mut drop: Option<&mut LoraDropout>,
     ) -> Tensor<3> {
         let [batch, seq, hidden] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let h = rms_norm(x.clone(), &b.attn_norm, self.rms_norm_eps);
         let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, hd]).swap_dims(1, 2);
-        let q = rope(heads(b.q.forward(h.clone()), nh), cos, sin);
-        let mut k = rope(heads(b.k.forward(h.clone()), nkv), cos, sin);
-        let mut v = heads(b.v.forward(h), nkv);
+        let q = rope(
+            heads(b.q.forward_train(h.clone(), drop.as_deref_mut()), nh),
+            cos,
+            sin,
+        );
+        let mut k = rope(
+            heads(b.k.forward_train(h.clone(), drop.as_deref_mut()), nkv),
+            cos,
+            sin,
+        );
+        let mut v = heads(b.v.forward_train(h, drop.as_deref_mut()), nkv);
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
                 k = Tensor::cat(vec![pk, k], 2);
@@ -337,11 +408,11 @@ impl Llama {
             .matmul(v)
             .swap_dims(1, 2)
             .reshape([batch, seq, nh * hd]);
-        let x = x + b.o.forward(attn);
+        let x = x + b.o.forward_train(attn, drop.as_deref_mut());
         let h = rms_norm(x.clone(), &b.ffn_norm, self.rms_norm_eps);
-        let ff = b
-            .down
-            .forward(silu(b.gate.forward(h.clone())) * b.up.forward(h));
+        let gated = silu(b.gate.forward_train(h.clone(), drop.as_deref_mut()))
+            * b.up.forward_train(h, drop.as_deref_mut());
+        let ff = b.down.forward_train(gated, drop);
         debug_assert_eq!(ff.dims(), [batch, seq, hidden]);
         x + ff
     }

@@ -6,5 +6,5 @@ pub mod safetensors;
 pub mod weights;
 
 pub use config::LlamaConfig;
-pub use llama::{ContextLengthError, KvCache, Llama};
+pub use llama::{ContextLengthError, KvCache, Llama, LoraDropout};
 pub use weights::{LoadError, Weights};
