@@ -580,6 +580,8 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         eprintln!("held-out loss before: {l:.4}");
     }
     let started = Instant::now();
+    // A redrawn progress bar on a terminal; one line per step when stderr is a file or a pipe.
+    let progress_bar = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let checkpointing = (args.checkpoint_every.is_some() || args.resume).then(|| {
         cohort_trainer::train::Checkpointing {
             dir: args.out.clone(),
@@ -595,7 +597,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         pad,
         checkpointing.as_ref(),
         |e| {
-            eprintln!(
+            let line = format!(
                 "step {:>4}/{} epoch {} loss {:.4} lr {:.2e} grad-norm {:.3} {:.0} tokens/s",
                 e.step,
                 e.total_steps,
@@ -605,6 +607,24 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
                 e.grad_norm,
                 e.tokens_per_s
             );
+            if progress_bar {
+                // One line redrawn in place: a bar, then the step's figures.
+                let width = 24;
+                let done = e.step * width / e.total_steps.max(1);
+                let eta = started.elapsed().as_secs_f64() / e.step as f64
+                    * (e.total_steps - e.step) as f64;
+                eprint!(
+                    "\r[{}{}] {line} eta {:.0}s\x1b[K",
+                    "#".repeat(done),
+                    ".".repeat(width - done),
+                    eta
+                );
+                if e.step == e.total_steps {
+                    eprintln!();
+                }
+            } else {
+                eprintln!("{line}");
+            }
         },
     )?;
     let weights = AdapterWeights::from_model(&model, &spec);

@@ -10,15 +10,23 @@
 //! tensors carry no backend generic; the CPU device is `Device::flex()` and training runs on
 //! `Device::flex().autodiff()`.
 //!
-//! What is here now:
+//! What is here:
 //!
-//! - [`lora`]: the LoRA linear layer (frozen base weight plus trainable low-rank factors), with
-//!   PEFT's initialisation drawn from an explicit seed, and the delta / merged weights that
-//!   merging and export need.
+//! - [`gguf`]: the GGUF reader and writer and the ggml block types (F32, F16, BF16, Q8_0, Q4_0,
+//!   Q4_1, Q4_K, Q6_K).
+//! - [`tokenizer`]: byte-level BPE and the chat template, built from the GGUF's metadata.
+//! - [`model`]: the Llama decoder in burn (the model that trains, on any device), its
+//!   configuration, its weights from GGUF or Hugging Face safetensors in HF layout.
+//! - [`engine`]: the CPU inference engine over the GGUF's own blocks, with its SIMD kernels.
+//! - [`generate`] and [`perplexity`]: text generation (sampling, stops, streaming) and
+//!   llama.cpp-style perplexity.
+//! - [`data`], [`adapter`], [`train`], [`merge`]: datasets with masked targets, LoRA adapters in
+//!   PEFT's format, the training loop with checkpoints, and exact adapter merging.
+//! - [`lora`]: the standalone LoRA linear layer and PEFT's seeded initialisation of `A`.
+//! - [`models`], [`bench`](mod@bench): the local model cache, and the inference and training benchmarks.
 //!
-//! What later work adds here: the GGUF (Q4_1 / Q8_0) and HF safetensors import, the Llama model
-//! built from [`lora::LoraLinear`] layers, the quantized (QLoRA) linear, the training loop with its
-//! state-hash commitments, generation, PEFT adapter export, and adapter merging.
+//! What later work adds here: the quantized (QLoRA) base, and the training commitments (state
+//! hashes every K steps) that round verification needs.
 
 pub mod adapter;
 pub mod bench;

@@ -23,8 +23,9 @@
 //!   `d_output x d_input` matrices for merging and export only.
 //!
 //! What it must not touch: quantized bases (the QLoRA linear will be its own module that streams
-//! GGUF blocks), dropout on the LoRA path (PEFT's `lora_dropout`, not implemented yet), and the
-//! optimizer (which finds `A` and `B` through burn's module traversal).
+//! GGUF blocks), dropout on the LoRA path (the model's projections apply it, see
+//! [`crate::model::LoraDropout`]), and the optimizer (which finds `A` and `B` through burn's
+//! module traversal).
 
 use burn::config::Config;
 use burn::module::{Content, DisplaySettings, Module, ModuleDisplay, Param, ParamId};

@@ -7,7 +7,7 @@
 //! dequantized weights up to summation order.
 //!
 //! On AVX-512 CPUs the Q4_1, Q4_0 and Q8_0 dot products and the f32 micro-kernel of the
-//! matrix-matrix product are written with intrinsics ([`avx512`]): nibbles are unpacked and
+//! matrix-matrix product are written with intrinsics (module `avx512`): nibbles are unpacked and
 //! widened to f32 in registers and multiplied with fused multiply-adds. Elsewhere the same
 //! arithmetic is plain Rust with 16 independent accumulator lanes, compiled for AVX2+FMA and for
 //! the baseline; the level is picked at run time from the CPU's features, once per process
@@ -261,7 +261,7 @@ fn attend(
 
 versions!(attend, attend_avx512, attend_avx2, (q: &[f32], keys: &[f32], values: &[f32], stride: usize, offset: usize, visible: usize, scale: f32, o: &mut [f32]));
 
-/// [`attend`] at the CPU's best level.
+/// One query head's attention (`softmax(q·Kᵀ·scale)·V`) at the CPU's best level.
 #[allow(unsafe_code, clippy::too_many_arguments)]
 pub fn attend_dispatch(
     q: &[f32],
