@@ -40,11 +40,14 @@ pub fn level() -> Level {
         let wanted = std::env::var("COHORT_KERNELS").unwrap_or_default();
         #[cfg(target_arch = "x86_64")]
         {
-            let avx2 =
-                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+            // Exactly the features the kernels are compiled with (see `versions!` and `avx512`).
+            let avx2 = std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c");
             let avx512 = avx2
                 && std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512bw");
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vl");
             match wanted.as_str() {
                 "baseline" => Level::Baseline,
                 "avx2" if avx2 => Level::Avx2,
