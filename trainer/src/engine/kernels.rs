@@ -299,6 +299,8 @@ fn matvec_rows_dispatch(w: &RawMatrix, first: usize, x: &[f32], xsum: &[f32], y:
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => unsafe { matvec_rows_avx512(w, first, x, xsum, y) },
         #[cfg(target_arch = "x86_64")]
+        Level::Avx2 if avx2::supports(w.ty) => unsafe { avx2::matvec_rows(w, first, x, xsum, y) },
+        #[cfg(target_arch = "x86_64")]
         Level::Avx2 => unsafe { matvec_rows_avx2(w, first, x, xsum, y) },
         _ => matvec_rows(w, first, x, xsum, y),
     }
@@ -314,6 +316,10 @@ fn matmul_rows_dispatch(w: &RawMatrix, first: usize, n: usize, xs: &[f32], ys: &
         },
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => unsafe { matmul_rows_avx512(w, first, n, xs, ys) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 if w.cols.is_multiple_of(8) => unsafe {
+            avx2::matmul_rows(w, first, n, xs, ys)
+        },
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => unsafe { matmul_rows_avx2(w, first, n, xs, ys) },
         _ => matmul_rows(w, first, n, xs, ys),
@@ -632,6 +638,370 @@ mod avx512 {
                 r += rr;
             }
             t += tt;
+        }
+    }
+}
+
+/// AVX2 + FMA kernels with intrinsics, for CPUs without AVX-512: the same arithmetic as
+/// [`avx512`](mod@avx512) on 8 lanes. Every function checks the lengths it relies on before any
+/// pointer read.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use core::arch::x86_64::*;
+
+    use super::{RawMatrix, dequantize};
+    use crate::gguf::GgmlType;
+
+    pub(super) fn supports(ty: GgmlType) -> bool {
+        matches!(
+            ty,
+            GgmlType::Q4_1 | GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::F16 | GgmlType::F32
+        )
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps::<1>(v);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// 8 bytes (as the low half of an xmm) widened to 8 f32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn u8x8(q: __m128i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn i8x8(q: __m128i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))
+    }
+
+    /// Σ over blocks of a Q4_1 (`MIN`) or Q4_0 row times `x`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // `b` indexes the raw block pointers too
+    fn dot_q4<const MIN: bool>(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+        let bb = if MIN { 20 } else { 18 };
+        let blocks = row.len() / bb;
+        assert!(row.len() == blocks * bb && x.len() >= blocks * 32 && xsum.len() >= blocks);
+        let (rp, xp) = (row.as_ptr(), x.as_ptr());
+        let mask = _mm_set1_epi8(0x0f);
+        let eight = _mm_set1_epi8(8);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut off = 0f32;
+        for b in 0..blocks {
+            // SAFETY: block b < blocks: its bytes lie inside `row`, its 32 floats inside `x`.
+            let (bits, q, xs) = unsafe {
+                let p = rp.add(b * bb);
+                let xb = xp.add(b * 32);
+                (
+                    (p as *const i32).read_unaligned(),
+                    _mm_loadu_si128(p.add(bb - 16).cast()),
+                    [
+                        _mm256_loadu_ps(xb),
+                        _mm256_loadu_ps(xb.add(8)),
+                        _mm256_loadu_ps(xb.add(16)),
+                        _mm256_loadu_ps(xb.add(24)),
+                    ],
+                )
+            };
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+            let mut lo = _mm_and_si128(q, mask);
+            let mut hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+            let (w0, w1, w2, w3) = if MIN {
+                (
+                    u8x8(lo),
+                    u8x8(_mm_srli_si128::<8>(lo)),
+                    u8x8(hi),
+                    u8x8(_mm_srli_si128::<8>(hi)),
+                )
+            } else {
+                lo = _mm_sub_epi8(lo, eight);
+                hi = _mm_sub_epi8(hi, eight);
+                (
+                    i8x8(lo),
+                    i8x8(_mm_srli_si128::<8>(lo)),
+                    i8x8(hi),
+                    i8x8(_mm_srli_si128::<8>(hi)),
+                )
+            };
+            let s = _mm256_fmadd_ps(w1, xs[1], _mm256_mul_ps(w0, xs[0]));
+            let t = _mm256_fmadd_ps(w3, xs[3], _mm256_mul_ps(w2, xs[2]));
+            let d = _mm256_broadcastss_ps(dm);
+            acc0 = _mm256_fmadd_ps(d, s, acc0);
+            acc1 = _mm256_fmadd_ps(d, t, acc1);
+            if MIN {
+                off = _mm_cvtss_f32(_mm_movehdup_ps(dm)).mul_add(xsum[b], off);
+            }
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) + off
+    }
+
+    /// Σ over blocks of a Q8_0 row times `x`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
+        let blocks = row.len() / 34;
+        assert!(row.len() == blocks * 34 && x.len() >= blocks * 32);
+        let (rp, xp) = (row.as_ptr(), x.as_ptr());
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for b in 0..blocks {
+            // SAFETY: block b < blocks: its 34 bytes lie inside `row`, its 32 floats inside `x`.
+            let (bits, q0, q1, xs) = unsafe {
+                let p = rp.add(b * 34);
+                let xb = xp.add(b * 32);
+                (
+                    (p as *const u16).read_unaligned() as i32,
+                    _mm_loadu_si128(p.add(2).cast()),
+                    _mm_loadu_si128(p.add(18).cast()),
+                    [
+                        _mm256_loadu_ps(xb),
+                        _mm256_loadu_ps(xb.add(8)),
+                        _mm256_loadu_ps(xb.add(16)),
+                        _mm256_loadu_ps(xb.add(24)),
+                    ],
+                )
+            };
+            let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
+            let s = _mm256_fmadd_ps(
+                i8x8(_mm_srli_si128::<8>(q0)),
+                xs[1],
+                _mm256_mul_ps(i8x8(q0), xs[0]),
+            );
+            let t = _mm256_fmadd_ps(
+                i8x8(_mm_srli_si128::<8>(q1)),
+                xs[3],
+                _mm256_mul_ps(i8x8(q1), xs[2]),
+            );
+            acc0 = _mm256_fmadd_ps(d, s, acc0);
+            acc1 = _mm256_fmadd_ps(d, t, acc1);
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
+    }
+
+    /// A row of f16 (`HALF`) or f32 values times `x`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_float<const HALF: bool>(row: &[u8], x: &[f32]) -> f32 {
+        let size = if HALF { 2 } else { 4 };
+        let n = row.len() / size;
+        assert!(row.len() == n * size && x.len() >= n);
+        let (rp, xp) = (row.as_ptr(), x.as_ptr());
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n: the 8 values lie inside `row` and inside `x`.
+            let (w, xv) = unsafe {
+                let w = if HALF {
+                    _mm256_cvtph_ps(_mm_loadu_si128(rp.add(i * 2).cast()))
+                } else {
+                    _mm256_loadu_ps(rp.add(i * 4).cast())
+                };
+                (w, _mm256_loadu_ps(xp.add(i)))
+            };
+            acc = _mm256_fmadd_ps(w, xv, acc);
+            i += 8;
+        }
+        let mut sum = hsum(acc);
+        while i < n {
+            let w = if HALF {
+                half::f16::from_le_bytes([row[2 * i], row[2 * i + 1]]).to_f32()
+            } else {
+                f32::from_le_bytes([row[4 * i], row[4 * i + 1], row[4 * i + 2], row[4 * i + 3]])
+            };
+            sum = w.mul_add(x[i], sum);
+            i += 1;
+        }
+        sum
+    }
+
+    /// `y[i] = row(first + i) · x`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn matvec_rows(w: &RawMatrix, first: usize, x: &[f32], xsum: &[f32], y: &mut [f32]) {
+        let rb = w.row_bytes();
+        for (i, out) in y.iter_mut().enumerate() {
+            let row = &w.bytes[(first + i) * rb..(first + i + 1) * rb];
+            *out = match w.ty {
+                GgmlType::Q4_1 => dot_q4::<true>(row, x, xsum),
+                GgmlType::Q4_0 => dot_q4::<false>(row, x, xsum),
+                GgmlType::F16 => dot_float::<true>(row, x),
+                GgmlType::F32 => dot_float::<false>(row, x),
+                _ => dot_q8_0(row, x),
+            };
+        }
+    }
+
+    /// Rows `first..first + n` decoded once, then a 4-row by 2-token register-blocked product
+    /// with every token of `xs`; `ys` is `[tokens, n]`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn matmul_rows(w: &RawMatrix, first: usize, n: usize, xs: &[f32], ys: &mut [f32]) {
+        let cols = w.cols;
+        assert!(cols.is_multiple_of(8) && xs.len().is_multiple_of(cols));
+        let tokens = xs.len() / cols;
+        assert!(ys.len() == tokens * n);
+        let rb = w.row_bytes();
+        let mut rows = vec![0f32; n * cols];
+        for i in 0..n {
+            dequantize(
+                w.ty,
+                &w.bytes[(first + i) * rb..(first + i + 1) * rb],
+                &mut rows[i * cols..(i + 1) * cols],
+            );
+        }
+        let (rp, xp) = (rows.as_ptr(), xs.as_ptr());
+        let mut t = 0;
+        while t < tokens {
+            let tt = (tokens - t).min(2);
+            let t1 = if tt == 2 { t + 1 } else { t };
+            let mut r = 0;
+            while r < n {
+                let rr = (n - r).min(4);
+                let ri = [
+                    r,
+                    (r + 1).min(n - 1),
+                    (r + 2).min(n - 1),
+                    (r + 3).min(n - 1),
+                ];
+                let mut acc = [_mm256_setzero_ps(); 8];
+                let mut c = 0;
+                while c < cols {
+                    // SAFETY: row indices < n, token indices < tokens, c + 8 <= cols: every
+                    // 8-float load lies inside `rows` or `xs`.
+                    unsafe {
+                        let x0 = _mm256_loadu_ps(xp.add(t * cols + c));
+                        let x1 = _mm256_loadu_ps(xp.add(t1 * cols + c));
+                        for k in 0..4 {
+                            let wv = _mm256_loadu_ps(rp.add(ri[k] * cols + c));
+                            acc[k] = _mm256_fmadd_ps(wv, x0, acc[k]);
+                            acc[4 + k] = _mm256_fmadd_ps(wv, x1, acc[4 + k]);
+                        }
+                    }
+                    c += 8;
+                }
+                for k in 0..rr {
+                    ys[t * n + r + k] = hsum(acc[k]);
+                    if tt == 2 {
+                        ys[(t + 1) * n + r + k] = hsum(acc[4 + k]);
+                    }
+                }
+                r += rr;
+            }
+            t += tt;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every kernel level against a scalar f64 product of the decoded rows.
+    use super::*;
+    use crate::gguf::quant::quantize;
+
+    fn matrix(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> (RawMatrix, Vec<f32>) {
+        let mut rng = cohort_protocol::rng::SplitMix64::new(seed);
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+            .collect();
+        let mut bytes = Vec::new();
+        quantize(ty, &values, &mut bytes);
+        let m = RawMatrix {
+            ty,
+            rows,
+            cols,
+            bytes,
+        };
+        let decoded = m.to_f32();
+        (m, decoded)
+    }
+
+    fn reference(decoded: &[f32], cols: usize, xs: &[f32]) -> Vec<f64> {
+        let rows = decoded.len() / cols;
+        let tokens = xs.len() / cols;
+        let mut out = Vec::new();
+        for t in 0..tokens {
+            for r in 0..rows {
+                out.push(
+                    (0..cols)
+                        .map(|c| decoded[r * cols + c] as f64 * xs[t * cols + c] as f64)
+                        .sum(),
+                );
+            }
+        }
+        out
+    }
+
+    #[test]
+    #[allow(unsafe_code)]
+    fn every_level_matches_the_scalar_reference() {
+        let (rows, cols, tokens) = (12, 256, 3);
+        let mut rng = cohort_protocol::rng::SplitMix64::new(99);
+        let xs: Vec<f32> = (0..tokens * cols)
+            .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+            .collect();
+        for ty in [
+            GgmlType::Q4_1,
+            GgmlType::Q4_0,
+            GgmlType::Q8_0,
+            GgmlType::F16,
+            GgmlType::F32,
+            GgmlType::Q4K,
+            GgmlType::Q6K,
+        ] {
+            let (m, decoded) = matrix(ty, rows, cols, 5);
+            let want = reference(&decoded, cols, &xs);
+            let x0 = &xs[..cols];
+            let xsum = block_sums(x0);
+            let check = |name: &str, got: &[f32], want: &[f64]| {
+                for (g, w) in got.iter().zip(want) {
+                    assert!(
+                        (*g as f64 - w).abs() < 1e-3 * (1.0 + w.abs()),
+                        "{ty} {name}: {g} vs {w}"
+                    );
+                }
+            };
+            let mut y = vec![0f32; rows];
+            matvec_rows(&m, 0, x0, &xsum, &mut y);
+            check("baseline matvec", &y, &want[..rows]);
+            let mut ys = vec![0f32; rows * tokens];
+            matmul_rows(&m, 0, rows, &xs, &mut ys);
+            let by_token: Vec<f32> = ys.clone();
+            check("baseline matmul", &by_token, &want);
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                    && std::is_x86_feature_detected!("f16c")
+                {
+                    let mut y = vec![0f32; rows];
+                    // SAFETY: the CPU has the features (checked above).
+                    if avx2::supports(ty) {
+                        unsafe { avx2::matvec_rows(&m, 0, x0, &xsum, &mut y) };
+                        check("avx2 matvec", &y, &want[..rows]);
+                    }
+                    let mut ys = vec![0f32; rows * tokens];
+                    unsafe { avx2::matmul_rows(&m, 0, rows, &xs, &mut ys) };
+                    check("avx2 matmul", &ys, &want);
+                }
+                if std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512vl")
+                {
+                    let mut y = vec![0f32; rows];
+                    // SAFETY: the CPU has the features (checked above).
+                    if avx512::supports(ty) {
+                        unsafe { avx512::matvec_rows(&m, 0, x0, &xsum, &mut y) };
+                        check("avx512 matvec", &y, &want[..rows]);
+                    }
+                    let mut ys = vec![0f32; rows * tokens];
+                    unsafe { avx512::matmul_rows(&m, 0, rows, &xs, &mut ys) };
+                    check("avx512 matmul", &ys, &want);
+                }
+            }
         }
     }
 }
