@@ -129,6 +129,19 @@ fn load_adapter(
     })
 }
 
+/// Runs an anchor script and parses the JSON object it prints last.
+fn run_anchor(cmd: &mut std::process::Command) -> anyhow::Result<serde_json::Value> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the anchor failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .with_context(|| format!("the anchor printed {stdout:?}"))
+}
+
 /// Loads a model file, naming it in errors.
 fn open(spec: &str) -> anyhow::Result<GgufFile> {
     let path = models::resolve(spec)?;
@@ -356,24 +369,14 @@ pub fn bench_model(args: &BenchModelArgs) -> anyhow::Result<()> {
         "peak_rss_mb": peak_rss().map(|b| b / 1_000_000),
     });
     if let (Some(python), Some(script)) = (&args.anchor_python, &args.anchor_script) {
-        let out = std::process::Command::new(python)
-            .arg(script)
+        let mut cmd = std::process::Command::new(python);
+        cmd.arg(script)
             .arg(file.path())
             .args(["--threads", &ours.threads.to_string()])
             .args(["--prompt-tokens", &args.prompt_tokens.to_string()])
             .args(["--gen-tokens", &args.gen_tokens.to_string()])
-            .args(["--runs", &args.runs.to_string()])
-            .output()
-            .with_context(|| format!("running {} {}", python.display(), script.display()))?;
-        anyhow::ensure!(
-            out.status.success(),
-            "the anchor failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let anchor: serde_json::Value =
-            serde_json::from_str(stdout.lines().last().unwrap_or_default())
-                .with_context(|| format!("the anchor printed {stdout:?}"))?;
+            .args(["--runs", &args.runs.to_string()]);
+        let anchor = run_anchor(&mut cmd)?;
         let ratio = |ours: f64, key: &str| anchor[key].as_f64().map(|a| ours / a);
         line["llama_cpp"] = anchor.clone();
         line["ratio_prefill"] = ratio(ours.prefill_tokens_per_s, "prefill_tokens_per_s").into();
@@ -832,18 +835,7 @@ pub fn bench_train(args: &BenchTrainArgs) -> anyhow::Result<()> {
             if bf16 {
                 cmd.arg("--bf16");
             }
-            let out = cmd
-                .output()
-                .with_context(|| format!("running {}", python.display()))?;
-            anyhow::ensure!(
-                out.status.success(),
-                "the anchor failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let anchor: serde_json::Value =
-                serde_json::from_str(stdout.lines().last().unwrap_or_default())
-                    .with_context(|| format!("the anchor printed {stdout:?}"))?;
+            let anchor = run_anchor(&mut cmd)?;
             let key = if bf16 { "peft_bf16" } else { "peft" };
             line[format!("ratio_vs_{key}")] = anchor["tokens_per_s"]
                 .as_f64()

@@ -274,17 +274,7 @@ pub fn write_chat_records(path: &Path, start: usize, n: usize, pad: usize) {
 /// `${XDG_CACHE_HOME:-~/.cache}/cohort/models`). Under CI (`CI=true`) its absence fails the
 /// calling test, since `scripts/test.sh` fetches it first; elsewhere the test says it skipped.
 pub fn default_model_present() -> bool {
-    let dir = std::env::var_os("COHORT_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache")
-                });
-            cache.join("cohort/models")
-        });
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = cohort_trainer::models::default_model_path();
     if path.is_file() {
         return true;
     }

@@ -41,19 +41,9 @@ struct ChatCase {
     ids: Vec<u32>,
 }
 
-/// `$COHORT_MODEL_DIR` or `${XDG_CACHE_HOME:-$HOME/.cache}/cohort/models`, plus the file name.
+/// Where the default model is ([`cohort_trainer::models::default_model_path`]).
 fn model_path() -> Option<PathBuf> {
-    let dir = match std::env::var_os("COHORT_MODEL_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            let cache = match std::env::var_os("XDG_CACHE_HOME") {
-                Some(c) if !c.is_empty() => PathBuf::from(c),
-                _ => PathBuf::from(std::env::var_os("HOME")?).join(".cache"),
-            };
-            cache.join("cohort").join("models")
-        }
-    };
-    Some(dir.join(MODEL_FILE))
+    Some(cohort_trainer::models::default_model_path())
 }
 
 /// The model file, or `None` (after a notice) when it is absent outside CI.
