@@ -48,6 +48,9 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/api/datanets/{name}/grant", post(grant))
         .route("/api/datanets/{name}/revoke", post(revoke))
         .route("/api/sync", post(sync_now))
+        .route("/api/blobs/{hash}/fetch", post(fetch_blob))
+        .route("/api/dht/providers/{hash}", get(dht_providers))
+        .route("/api/dht/peers/{peer}", get(dht_resolve))
         .merge(cohort_gui_lite::router())
         .with_state(node)
 }
@@ -139,6 +142,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn status(State(node): State<AppState>) -> ApiResult {
+    let dht = match node.dht.handle().stats().await {
+        Ok(s) => json!(s),
+        Err(e) => json!({ "error": e.to_string() }),
+    };
     let (rejected, datanets) = node
         .state
         .call(|s| {
@@ -166,6 +173,7 @@ async fn status(State(node): State<AppState>) -> ApiResult {
         "known_peers": node.known_peers().iter().map(|p| p.to_string()).collect::<Vec<_>>(),
         "datanets": datanets,
         "indexed_hashes": node.index.len(),
+        "dht": dht,
         "rejected": rejected,
         "rejected_total": total,
     })))
@@ -433,7 +441,7 @@ async fn add(
         .call(move |s| s.commit_shards(&id, me, epoch, &shards))
         .await??;
     let hashes: Vec<_> = infos.iter().map(|i| i.hash).collect();
-    node.index.add_providers(me, &hashes).await;
+    node.provide_own(&hashes).await;
     Ok(Json(json!({
         "datanet": d.id.to_string(),
         "records_read": read,
@@ -537,6 +545,7 @@ async fn contribute(
     node.state
         .call(move |s| s.record_local_shards(&id, &recorded))
         .await??;
+    node.provide_local().await;
     let mut sent = Vec::new();
     for info in &infos {
         let submission = Signed::sign(
@@ -680,6 +689,7 @@ async fn approve(
         .state
         .call(move |st| st.decide(&kp, &id, Verdict::Approved { version: 0 }, stored))
         .await??;
+    node.provide_local().await;
     let notified = notify_contributor(&node, &record).await;
     Ok(Json(json!({
         "id": hash.to_string(),
@@ -758,6 +768,83 @@ async fn sync_now(_auth: Authorized, State(node): State<AppState>) -> ApiResult 
         }
     }
     Ok(Json(json!({ "pulled": pulled, "errors": errors })))
+}
+
+fn parse_hash(s: &str) -> Result<ContentHash, ApiError> {
+    s.parse()
+        .map_err(|e| ApiError::bad(format!("hash `{s}`: {e}")))
+}
+
+#[derive(Debug, Deserialize)]
+struct BlobFetchBody {
+    /// Write the blob to this absolute path once fetched.
+    #[serde(default)]
+    out: Option<PathBuf>,
+}
+
+/// Fetches one blob by hash: gossip index first, DHT on a miss; says which answered.
+async fn fetch_blob(
+    _auth: Authorized,
+    State(node): State<AppState>,
+    Path(hash): Path<String>,
+    Json(body): Json<BlobFetchBody>,
+) -> ApiResult {
+    let hash = parse_hash(&hash)?;
+    if let Some(out) = &body.out
+        && !out.is_absolute()
+    {
+        return Err(ApiError::bad(format!(
+            "out `{}` must be an absolute path (the node resolves it, not the CLI)",
+            out.display()
+        )));
+    }
+    let fetched = node
+        .fetch_by_hash(hash)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, format!("blob {hash}: {e}")))?;
+    if let Some(out) = &body.out {
+        node.blobs
+            .export(iroh_blobs::Hash::from_bytes(*hash.as_bytes()), out)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("writing {}: {e}", out.display()),
+                )
+            })?;
+    }
+    Ok(Json(json!(fetched)))
+}
+
+/// Asks the DHT alone who provides a hash (with the lookup's latency and message count).
+async fn dht_providers(State(node): State<AppState>, Path(hash): Path<String>) -> ApiResult {
+    let hash = parse_hash(&hash)?;
+    let lookup = node
+        .dht
+        .handle()
+        .find_providers(hash)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(Json(json!({
+        "hash": hash.to_string(),
+        "providers": lookup.providers.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        "first_ms": lookup.first_ms,
+        "first_messages": lookup.first_messages,
+        "total_ms": lookup.total_ms,
+        "messages": lookup.messages,
+    })))
+}
+
+/// Asks the DHT for a peer's iroh addresses (its signed address record).
+async fn dht_resolve(State(node): State<AppState>, Path(peer): Path<String>) -> ApiResult {
+    let peer = parse_peer(&peer)?;
+    let found = node
+        .dht
+        .handle()
+        .resolve(peer)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, e.to_string()))?;
+    Ok(Json(json!({ "peer": peer.to_string(), "lookup": found })))
 }
 
 #[derive(Debug, Deserialize)]

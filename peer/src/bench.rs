@@ -5,6 +5,10 @@
 //!   rocksdb record, provider announcement). In the same run, a plain iroh-blobs client (an
 //!   fs store and one connection, nothing else) fetches the same bytes from the same owner
 //!   before and after; the figure is the ratio of throughputs.
+//! - `dht`: N nodes, each given one other as its only DHT bootstrap peer (a chain) and no
+//!   gossip peer; K shards provided by different nodes; every other node looks each one up
+//!   through the DHT alone (`/api/dht/providers`) and resolves the provider's iroh address.
+//!   Reports latency and Kademlia requests per lookup, against log2(N).
 //! - `publish`: N nodes joined through one owner; time from `publish` until every other node
 //!   holds the new manifest (gossip announcement, then a pull over cohort/1).
 #![allow(clippy::print_stdout)]
@@ -27,6 +31,13 @@ struct Proc {
 
 impl Proc {
     fn start(dir: &Path, bootstrap: Option<&str>) -> anyhow::Result<Proc> {
+        match bootstrap {
+            Some(b) => Self::start_with(dir, &["--bootstrap", b]),
+            None => Self::start_with(dir, &[]),
+        }
+    }
+
+    fn start_with(dir: &Path, args: &[&str]) -> anyhow::Result<Proc> {
         let exe = std::env::current_exe()?;
         DataDir::new(dir).init()?;
         std::fs::remove_file(dir.join("node.json")).ok();
@@ -38,9 +49,7 @@ impl Proc {
             .env_remove("COHORT_DATA_DIR")
             .stdout(Stdio::null())
             .stderr(log);
-        if let Some(b) = bootstrap {
-            cmd.args(["--bootstrap", b]);
-        }
+        cmd.args(args);
         let child = cmd.spawn().context("starting cohort up")?;
         let start = Instant::now();
         let client = loop {
@@ -333,6 +342,133 @@ pub fn publish(work: &Path, nodes: usize, rounds: u64) -> anyhow::Result<()> {
     );
     drop(peers);
     drop(owner);
+    std::fs::remove_dir_all(work).ok();
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn summary(name: &str, mut v: Vec<f64>, unit: &str) {
+    v.sort_by(f64::total_cmp);
+    let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+    println!(
+        "{name}: median {:.2}{unit}, p90 {:.2}{unit}, max {:.2}{unit}, mean {mean:.2}{unit} (n = {})",
+        percentile(&v, 0.5),
+        percentile(&v, 0.9),
+        percentile(&v, 1.0),
+        v.len()
+    );
+}
+
+/// `cohort bench dht`.
+pub fn dht(work: &Path, nodes: usize, keys: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(nodes >= 2, "at least two nodes");
+    anyhow::ensure!(keys >= 1, "at least one key");
+    std::fs::create_dir_all(work)?;
+    let t = Instant::now();
+    let mut procs: Vec<Proc> = Vec::new();
+    for i in 0..nodes {
+        let dir = work.join(format!("n{i}"));
+        let p = match procs.last() {
+            None => Proc::start_with(&dir, &[])?,
+            Some(prev) => {
+                let addr = prev.client.node.dht_addrs.first().context("dht_addrs")?.clone();
+                Proc::start_with(&dir, &["--dht-bootstrap", &addr])?
+            }
+        };
+        procs.push(p);
+    }
+    println!(
+        "{nodes} nodes up in {:.2} s (each bootstrapped from the one before, no gossip peers)",
+        t.elapsed().as_secs_f64()
+    );
+    // Each key: a one-record shard in a datanet of node (k mod N).
+    let mut provided = Vec::new();
+    for k in 0..keys {
+        let owner = &procs[k % nodes];
+        let name = format!("bench{k}");
+        let created = owner
+            .client
+            .post("/api/datanets", &json!({"name": name, "schema": "alpaca"}))?;
+        let id = created["id"].as_str().context("id")?.to_owned();
+        let f = work.join(format!("k{k}.jsonl"));
+        std::fs::write(
+            &f,
+            format!("{{\"instruction\":\"key {k}\",\"input\":\"\",\"output\":\"ok\"}}\n"),
+        )?;
+        let added = owner.client.post(
+            &format!("/api/datanets/{id}/add"),
+            &json!({"files": [std::path::absolute(&f)?]}),
+        )?;
+        let hash = added["shards"][0]["hash"]
+            .as_str()
+            .context("shard hash")?
+            .to_owned();
+        provided.push((k % nodes, hash));
+    }
+    // Wait until the last key is found from the node farthest along the chain.
+    let t = Instant::now();
+    let (owner, hash) = provided.last().context("a key")?.clone();
+    let asker = &procs[(owner + nodes / 2) % nodes];
+    loop {
+        let v = asker.client.get(&format!("/api/dht/providers/{hash}"))?;
+        if v["providers"].as_array().is_some_and(|p| !p.is_empty()) {
+            break;
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "the DHT did not converge"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (mut first_ms, mut total_ms, mut first_msgs, mut total_msgs) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut resolve_ms, mut resolve_msgs) = (Vec::new(), Vec::new());
+    let mut misses = 0;
+    for (owner, hash) in &provided {
+        let owner_id = procs[*owner].client.node.peer_id.clone();
+        for (i, p) in procs.iter().enumerate() {
+            if i == *owner {
+                continue;
+            }
+            let v = p.client.get(&format!("/api/dht/providers/{hash}"))?;
+            let found = v["providers"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|x| x.as_str() == Some(owner_id.as_str())));
+            if !found {
+                misses += 1;
+                continue;
+            }
+            first_ms.push(v["first_ms"].as_f64().unwrap_or(f64::NAN));
+            first_msgs.push(v["first_messages"].as_f64().unwrap_or(f64::NAN));
+            total_ms.push(v["total_ms"].as_f64().unwrap_or(f64::NAN));
+            total_msgs.push(v["messages"].as_f64().unwrap_or(f64::NAN));
+            let r = p.client.get(&format!("/api/dht/peers/{owner_id}"))?;
+            if r["lookup"]["cached"] == false {
+                resolve_ms.push(r["lookup"]["ms"].as_f64().unwrap_or(f64::NAN));
+                resolve_msgs.push(r["lookup"]["messages"].as_f64().unwrap_or(f64::NAN));
+            }
+        }
+    }
+    let lookups = keys * (nodes - 1);
+    println!(
+        "{lookups} provider lookups ({keys} keys x {} other nodes), {misses} missed; log2({nodes}) = {:.2}",
+        nodes - 1,
+        (nodes as f64).log2()
+    );
+    summary("time to the first provider", first_ms, " ms");
+    summary("requests until the first provider", first_msgs, "");
+    summary("time to the end of the lookup", total_ms, " ms");
+    summary("requests in the whole lookup", total_msgs, "");
+    summary("address record lookup (uncached)", resolve_ms, " ms");
+    summary("requests per address lookup", resolve_msgs, "");
+    drop(procs);
     std::fs::remove_dir_all(work).ok();
     Ok(())
 }

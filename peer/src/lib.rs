@@ -13,12 +13,16 @@
 //! - [`api`]: the JSON API and dashboard.
 //! - [`import`]: JSONL validation, normalisation, deduplication, shards.
 //! - [`routing`]: content routing ("which peers provide hash H").
+//! - [`dht`]: the libp2p Kademlia DHT, the second content router, and peer address records.
+//! - [`config`]: the optional `config.json` of a data directory.
 //! - [`rpc`]: `cohort/1` framing and calls.
 
 pub mod api;
 pub mod client;
+pub mod config;
 pub mod crypto;
 pub mod data_dir;
+pub mod dht;
 pub mod identity;
 pub mod import;
 pub mod node;

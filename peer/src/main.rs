@@ -20,6 +20,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use cohort_peer::client::Client;
 use cohort_peer::data_dir::DataDir;
+use cohort_peer::config::FileConfig;
+use cohort_peer::dht::DhtConfig;
 use cohort_peer::node::{NodeConfig, PeerAddr};
 use cohort_protocol::hash::ContentHasher;
 use serde_json::{Value, json};
@@ -81,15 +83,46 @@ enum Command {
         /// A peer to join: `PEER_ID@IP:PORT` (see another node's node.json `bootstrap`).
         #[arg(long, value_name = "PEER_ID@ADDR")]
         bootstrap: Vec<PeerAddr>,
-        /// Turn relays, DNS/pkarr address lookup and port mapping on (real networks).
+        /// Real networks: iroh relays, DNS/pkarr address lookup and port mapping; the DHT dials
+        /// any address, runs mDNS and serves once an external address is confirmed. Off by
+        /// default: everything stays on 127.0.0.1.
         #[arg(long)]
         public: bool,
         /// Milliseconds between anti-entropy rounds with known peers.
         #[arg(long, default_value_t = 5000, value_name = "MS")]
         sync_interval_ms: u64,
+        /// A DHT peer to join: a multiaddr ending in `/p2p/PEER_ID` (another node's node.json
+        /// `dht_addrs`); added to `dht.bootstrap` of DATA_DIR/config.json.
+        #[arg(long, value_name = "MULTIADDR")]
+        dht_bootstrap: Vec<libp2p::Multiaddr>,
+        /// Where the DHT listens (replaces config.json's `dht.listen`; default
+        /// /ip4/127.0.0.1/tcp/0).
+        #[arg(long, value_name = "MULTIADDR")]
+        dht_listen: Vec<libp2p::Multiaddr>,
+        /// Kademlia mode: auto (server on loopback; with --public, server once an external
+        /// address is confirmed), server or client.
+        #[arg(long, value_name = "MODE")]
+        dht_mode: Option<cohort_peer::dht::DhtMode>,
+        /// Lifetime of provider and address records in seconds (default 172800 = 48 h); this
+        /// node re-publishes its own every quarter of it.
+        #[arg(long, value_name = "SECS")]
+        dht_record_ttl_secs: Option<u64>,
+        /// Keep mDNS off even with --public.
+        #[arg(long)]
+        no_mdns: bool,
     },
-    /// Show the running node's status: peers, datanets, rejected messages per peer.
+    /// Show the running node's status: peers, datanets, DHT, rejected messages per peer.
     Status,
+    /// Blobs by hash: fetch one from whichever peer provides it.
+    Blob {
+        #[command(subcommand)]
+        command: BlobCommand,
+    },
+    /// The libp2p Kademlia DHT: who provides a hash, where a peer listens.
+    Dht {
+        #[command(subcommand)]
+        command: DhtCommand,
+    },
     /// Run anti-entropy with every known peer now.
     Sync,
     /// Datanets: create, import, publish, fetch, contribute, review.
@@ -218,6 +251,33 @@ enum DatanetCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum BlobCommand {
+    /// Fetch a blob by hash: providers from the gossip index first, the DHT on a miss;
+    /// verified against the hash as it arrives. Prints which router answered.
+    Fetch {
+        /// The blob's hash.
+        hash: String,
+        /// Also write the blob to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DhtCommand {
+    /// Providers of a hash according to the DHT alone, with the lookup's latency and requests.
+    Providers {
+        /// The hash.
+        hash: String,
+    },
+    /// A peer's iroh addresses from its signed DHT address record.
+    Resolve {
+        /// The peer id.
+        peer: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// Prefill and greedy-decode tokens/s of a model on this machine, optionally side by side
     /// with llama.cpp (the anchor script `llama_cpp_bench.py`) in the same run.
@@ -236,6 +296,19 @@ enum BenchCommand {
         /// Plain/cohort fetch pairs to run.
         #[arg(long, default_value_t = 3)]
         rounds: u64,
+        /// Scratch directory (removed afterwards).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
+    /// DHT lookup latency and requests per lookup among N processes on loopback, each
+    /// bootstrapped from one other.
+    Dht {
+        /// Nodes.
+        #[arg(long, default_value_t = 12)]
+        nodes: usize,
+        /// Hashes provided (one lookup each from every other node).
+        #[arg(long, default_value_t = 10)]
+        keys: usize,
         /// Scratch directory (removed afterwards).
         #[arg(long)]
         work_dir: Option<PathBuf>,
@@ -639,9 +712,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             bootstrap,
             public,
             sync_interval_ms,
+            dht_bootstrap,
+            dht_listen,
+            dht_mode,
+            dht_record_ttl_secs,
+            no_mdns,
         } => {
             let dir = data_dir(&cli)?;
             dir.keypair()?;
+            let file = FileConfig::load(dir.root())?;
+            let mut dht = DhtConfig::loopback();
+            dht.public = *public;
+            dht.bootstrap = file.dht.bootstrap;
+            dht.bootstrap.extend(dht_bootstrap.iter().cloned());
+            if !dht_listen.is_empty() {
+                dht.listen = dht_listen.clone();
+            } else if !file.dht.listen.is_empty() {
+                dht.listen = file.dht.listen;
+            }
+            dht.mode = dht_mode.or(file.dht.mode).unwrap_or_default();
+            if let Some(secs) = dht_record_ttl_secs.or(file.dht.record_ttl_secs) {
+                anyhow::ensure!(secs >= 1, "the DHT record TTL must be at least 1 s");
+                dht.record_ttl = Duration::from_secs(secs);
+            }
+            dht.mdns = *public && !*no_mdns && file.dht.mdns.unwrap_or(true);
             let config = NodeConfig {
                 data_dir: dir,
                 http: *http,
@@ -649,6 +743,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bootstrap: bootstrap.clone(),
                 public: *public,
                 sync_interval: Duration::from_millis((*sync_interval_ms).max(100)),
+                dht,
             };
             runtime()?.block_on(up(config))?;
         }
@@ -661,6 +756,54 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print(&cli, &v, |v| format!("pulled {} manifests", v["pulled"]));
         }
         Command::Datanet { command } => datanet(&cli, command)?,
+        Command::Blob {
+            command: BlobCommand::Fetch { hash, out },
+        } => {
+            let out = match out {
+                Some(o) => Some(std::path::absolute(o).with_context(|| o.display().to_string())?),
+                None => None,
+            };
+            let v = client(&cli)?.post(
+                &format!("/api/blobs/{}/fetch", enc(hash)),
+                &json!({ "out": out }),
+            )?;
+            print(&cli, &v, |v| {
+                format!(
+                    "fetched {} ({} bytes) from {} via {}",
+                    st(&v["hash"]),
+                    v["bytes"],
+                    v["provider"].as_str().unwrap_or("this peer"),
+                    st(&v["answered_by"])
+                )
+            });
+        }
+        Command::Dht {
+            command: DhtCommand::Providers { hash },
+        } => {
+            let v = client(&cli)?.get(&format!("/api/dht/providers/{}", enc(hash)))?;
+            print(&cli, &v, |v| {
+                let ps: Vec<_> = v["providers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p.as_str())
+                    .collect();
+                format!(
+                    "{} providers ({:.1} ms, {} requests){}{}",
+                    ps.len(),
+                    v["total_ms"].as_f64().unwrap_or_default(),
+                    v["messages"],
+                    if ps.is_empty() { "" } else { ":\n" },
+                    ps.join("\n")
+                )
+            });
+        }
+        Command::Dht {
+            command: DhtCommand::Resolve { peer },
+        } => {
+            let v = client(&cli)?.get(&format!("/api/dht/peers/{}", enc(peer)))?;
+            print(&cli, &v, pretty);
+        }
         Command::Bench { command } => {
             let scratch = |w: &Option<PathBuf>| {
                 w.clone().unwrap_or_else(|| {
@@ -681,6 +824,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     rounds,
                     work_dir,
                 } => bench::publish(&scratch(work_dir), *nodes, *rounds)?,
+                BenchCommand::Dht {
+                    nodes,
+                    keys,
+                    work_dir,
+                } => bench::dht(&scratch(work_dir), *nodes, *keys)?,
             }
         }
         Command::Debug {

@@ -44,6 +44,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::data_dir::{DataDir, DataDirError};
+use crate::dht::{DhtActor, DhtConfig, DhtError, DhtRouting, ProviderLookup};
 use crate::identity::{endpoint_id, iroh_secret_key, peer_id_of_endpoint};
 use crate::routing::{ContentRouting, GossipIndex};
 use crate::rpc::{self, decode_frame, read_frame, write_frame};
@@ -118,6 +119,8 @@ pub struct NodeConfig {
     pub public: bool,
     /// How often anti-entropy runs against known peers.
     pub sync_interval: Duration,
+    /// The libp2p DHT (its `iroh_addrs` are filled in once the endpoint is bound).
+    pub dht: DhtConfig,
 }
 
 /// What a running node writes to `node.json` once it is ready.
@@ -133,6 +136,9 @@ pub struct NodeFile {
     pub pid: u32,
     /// `PEER_ID@ADDR` for other nodes' `--bootstrap`.
     pub bootstrap: String,
+    /// The DHT's listen multiaddrs (with `/p2p/PEER_ID`) for other nodes' `--dht-bootstrap`.
+    #[serde(default)]
+    pub dht_addrs: Vec<String>,
 }
 
 /// Why the node failed.
@@ -182,6 +188,9 @@ pub enum NodeError {
     /// The state actor stopped early.
     #[error(transparent)]
     StateGone(#[from] StateGone),
+    /// The DHT could not start.
+    #[error(transparent)]
+    Dht(#[from] DhtError),
 }
 
 /// Work for the sync loop.
@@ -211,8 +220,12 @@ pub struct Node {
     pub blobs: FsStore,
     /// The state actor.
     pub state: StateHandle,
-    /// Content routing.
+    /// Content routing, first choice: the gossip-fed index.
     pub index: GossipIndex,
+    /// Content routing on a miss: the libp2p Kademlia DHT.
+    pub dht: DhtRouting,
+    /// Relays and address lookup on: iroh may find a peer by its id alone.
+    pub public: bool,
     /// The gossip sender for announcements.
     pub gossip: GossipSender,
     /// The sync loop's inbox.
@@ -415,43 +428,16 @@ impl Node {
                 report.already_held += 1;
                 continue;
             }
-            let mut providers = self.index.providers(hash).await;
-            providers.push(owner);
-            providers.sort();
-            providers.dedup();
-            providers.retain(|p| *p != self.me());
-            let ps = providers.clone();
-            let penalties = self
-                .state
-                .call(move |s| ps.iter().map(|p| s.penalties(p)).collect::<Vec<_>>())
+            let routed = self
+                .fetch_routed(conns, hash, Some(owner))
                 .await
-                .map_err(|e| e.to_string())?;
-            let mut order: Vec<_> = providers.into_iter().zip(penalties).collect();
-            order.sort_by_key(|(_, pen)| *pen);
-            let mut ok = false;
-            let mut errors = Vec::new();
-            for (p, _) in order {
-                let t = Instant::now();
-                let got = self.fetch_blob(conns, p, hash).await;
-                report.transfer_ms += t.elapsed().as_millis() as u64;
-                match got {
-                    Ok(()) => {
-                        ok = true;
-                        break;
-                    }
-                    Err(e) => {
-                        if matches!(e, FetchError::Corrupt(_) | FetchError::Failed(_)) {
-                            report.bad_providers.push(p.to_string());
-                        }
-                        errors.push(format!("{}: {e}", p.short()));
-                    }
-                }
-            }
-            if !ok {
-                return Err(format!(
-                    "shard {hash}: no provider served it ({})",
-                    errors.join("; ")
-                ));
+                .map_err(|e| format!("shard {hash}: {e}"))?;
+            report.transfer_ms += routed.transfer_ms;
+            report.bad_providers.extend(routed.bad_providers.iter().cloned());
+            match routed.answered_by {
+                AnsweredBy::Gossip => report.by_gossip += 1,
+                AnsweredBy::Dht => report.by_dht += 1,
+                AnsweredBy::Local => {}
             }
             // The manifest's size must match what arrived.
             match self.blobs.status(blob).await {
@@ -469,6 +455,210 @@ impl Node {
             report.bytes += info.bytes;
         }
         Ok(())
+    }
+
+    /// Providers ordered least penalised first.
+    async fn by_penalty(&self, providers: Vec<PeerId>) -> Result<Vec<PeerId>, String> {
+        let ps = providers.clone();
+        let penalties = self
+            .state
+            .call(move |s| ps.iter().map(|p| s.penalties(p)).collect::<Vec<_>>())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut order: Vec<_> = providers.into_iter().zip(penalties).collect();
+        order.sort_by_key(|(_, pen)| *pen);
+        Ok(order.into_iter().map(|(p, _)| p).collect())
+    }
+
+    /// Downloads blob `hash` from whichever provider serves it: those the gossip index knows
+    /// (and `extra`, e.g. a datanet's owner) first, least penalised first; on a miss, those
+    /// the DHT finds. A DHT provider that cannot be reached or fails to serve the hash is
+    /// dropped from the DHT's answers and penalised.
+    pub async fn fetch_routed(
+        &self,
+        conns: &mut BlobConnections,
+        hash: ContentHash,
+        extra: Option<PeerId>,
+    ) -> Result<Routed, String> {
+        let mut routed = Routed {
+            answered_by: AnsweredBy::Local,
+            provider: None,
+            tried: Vec::new(),
+            bad_providers: Vec::new(),
+            dht: None,
+            resolve_ms: 0.0,
+            resolve_messages: 0,
+            transfer_ms: 0,
+        };
+        let me = self.me();
+        let mut providers = self.index.providers(hash).await;
+        providers.extend(extra);
+        providers.sort();
+        providers.dedup();
+        providers.retain(|p| *p != me);
+        let mut tried = BTreeSet::new();
+        for p in self.by_penalty(providers).await? {
+            tried.insert(p);
+            let t = Instant::now();
+            let got = self.fetch_blob(conns, p, hash).await;
+            routed.transfer_ms += t.elapsed().as_millis() as u64;
+            match got {
+                Ok(()) => {
+                    routed.answered_by = AnsweredBy::Gossip;
+                    routed.provider = Some(p);
+                    tracing::info!(%hash, provider = %p.short(), router = "gossip", "fetched");
+                    return Ok(routed);
+                }
+                Err(e) => {
+                    if matches!(e, FetchError::Corrupt(_) | FetchError::Failed(_)) {
+                        routed.bad_providers.push(p.to_string());
+                    }
+                    routed.tried.push(format!("{} (gossip): {e}", p.short()));
+                }
+            }
+        }
+
+        // A miss in the gossip index: ask the DHT.
+        let lookup = self
+            .dht
+            .handle()
+            .find_providers(hash)
+            .await
+            .map_err(|e| format!("DHT lookup: {e}"))?;
+        let candidates: Vec<_> = lookup
+            .providers
+            .iter()
+            .copied()
+            .filter(|p| *p != me && !tried.contains(p))
+            .collect();
+        routed.dht = Some(lookup);
+        for p in self.by_penalty(candidates).await? {
+            match self.dht.handle().resolve(p).await {
+                Ok(found) => {
+                    routed.resolve_ms += found.ms;
+                    routed.resolve_messages += found.messages;
+                    if !found.addrs.is_empty() {
+                        let mut addr = EndpointAddr::new(endpoint_id(&p));
+                        for a in &found.addrs {
+                            addr = addr.with_ip_addr(*a);
+                        }
+                        self.lookup.add_endpoint_info(addr);
+                    }
+                }
+                // On a real network iroh's own address lookup may still find it by id.
+                Err(e) if !self.public => {
+                    routed.tried.push(format!("{} (dht): {e}", p.short()));
+                    self.drop_dht_provider(hash, p, Rejection::StaleRecord).await;
+                    continue;
+                }
+                Err(e) => tracing::debug!("resolving {}: {e}", p.short()),
+            }
+            let t = Instant::now();
+            let got = self.fetch_blob(conns, p, hash).await;
+            routed.transfer_ms += t.elapsed().as_millis() as u64;
+            match got {
+                Ok(()) => {
+                    routed.answered_by = AnsweredBy::Dht;
+                    routed.provider = Some(p);
+                    tracing::info!(%hash, provider = %p.short(), router = "dht", "fetched");
+                    return Ok(routed);
+                }
+                Err(e) => {
+                    // fetch_blob has penalised a corrupt or failed transfer already.
+                    let why = match e {
+                        FetchError::Corrupt(_) | FetchError::Failed(_) => {
+                            routed.bad_providers.push(p.to_string());
+                            None
+                        }
+                        _ => Some(Rejection::StaleRecord),
+                    };
+                    routed.tried.push(format!("{} (dht): {e}", p.short()));
+                    self.dht
+                        .handle()
+                        .drop_provider(hash, p)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if let Some(why) = why {
+                        self.state.call(move |s| s.reject(p, why)).await.ok();
+                    }
+                }
+            }
+        }
+        Err(format!(
+            "no provider served it (gossip index and DHT tried: {})",
+            if routed.tried.is_empty() {
+                "none found".to_owned()
+            } else {
+                routed.tried.join("; ")
+            }
+        ))
+    }
+
+    async fn drop_dht_provider(&self, hash: ContentHash, peer: PeerId, why: Rejection) {
+        if let Err(e) = self.dht.handle().drop_provider(hash, peer).await {
+            tracing::debug!("DHT drop: {e}");
+        }
+        self.state.call(move |s| s.reject(peer, why)).await.ok();
+    }
+
+    /// Fetches one blob by its hash alone (no manifest needed): found through the gossip
+    /// index or, on a miss, the DHT; verified by iroh-blobs as it arrives. It is kept in the
+    /// blob store but not served on: only recorded shards are.
+    pub async fn fetch_by_hash(&self, hash: ContentHash) -> Result<BlobFetch, String> {
+        let started = Instant::now();
+        let blob = iroh_blobs::Hash::from_bytes(*hash.as_bytes());
+        let complete = |s| matches!(s, Ok(iroh_blobs::api::proto::BlobStatus::Complete { .. }));
+        let routed = if complete(self.blobs.status(blob).await) {
+            None
+        } else {
+            let mut conns = BlobConnections {
+                owner: self.me(),
+                open: BTreeMap::new(),
+                unreachable: BTreeSet::new(),
+            };
+            let r = self.fetch_routed(&mut conns, hash, None).await;
+            for c in conns.open.into_values() {
+                c.close(0u32.into(), b"done");
+            }
+            Some(r?)
+        };
+        let bytes = match self.blobs.status(blob).await {
+            Ok(iroh_blobs::api::proto::BlobStatus::Complete { size }) => size,
+            other => return Err(format!("blob {hash}: the store has {other:?} after the fetch")),
+        };
+        Ok(BlobFetch {
+            hash: hash.to_string(),
+            bytes,
+            answered_by: routed.as_ref().map_or(AnsweredBy::Local, |r| r.answered_by),
+            provider: routed
+                .as_ref()
+                .and_then(|r| r.provider)
+                .map(|p| p.to_string()),
+            tried: routed.as_ref().map(|r| r.tried.clone()).unwrap_or_default(),
+            dht: routed.as_ref().and_then(|r| r.dht.clone()),
+            resolve_ms: routed.as_ref().map_or(0.0, |r| r.resolve_ms),
+            transfer_ms: routed.as_ref().map_or(0, |r| r.transfer_ms),
+            total_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Provides every shard this peer holds (the DHT skips those already provided).
+    pub async fn provide_local(&self) {
+        match self.state.call(|s| s.local_shards()).await {
+            Ok(Ok(local)) => {
+                let hashes: Vec<_> = local.iter().map(|s| s.info.hash).collect();
+                self.provide_own(&hashes).await;
+            }
+            Ok(Err(e)) => tracing::warn!("listing local shards: {e}"),
+            Err(e) => tracing::warn!("listing local shards: {e}"),
+        }
+    }
+
+    /// Records that this peer provides `hashes`: in the local index and in the DHT.
+    pub async fn provide_own(&self, hashes: &[ContentHash]) {
+        let me = self.me();
+        self.index.add_providers(me, hashes).await;
+        self.dht.add_providers(me, hashes).await;
     }
 
     /// Fetches every listed shard not held yet from any provider (the owner and indexed
@@ -506,7 +696,7 @@ impl Node {
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
             let hashes: Vec<_> = fetched.iter().map(|s| s.hash).collect();
-            self.index.add_providers(self.me(), &hashes).await;
+            self.provide_own(&hashes).await;
             if let Err(e) = self.announce_provides(hashes).await {
                 tracing::warn!("announcing fetched shards: {e}");
             }
@@ -712,7 +902,67 @@ pub struct FetchReport {
     pub bad_providers: Vec<String>,
     /// Milliseconds spent in blob transfers (connections included).
     pub transfer_ms: u64,
+    /// Shards whose provider the gossip index (or the owner) gave.
+    pub by_gossip: u64,
+    /// Shards whose provider only the DHT found.
+    pub by_dht: u64,
     /// Milliseconds for the whole fetch (checks, transfers, sync, record, announcement).
+    pub total_ms: u64,
+}
+
+/// Which content router found the provider that served a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnsweredBy {
+    /// It was already here.
+    Local,
+    /// The gossip-fed index (or the datanet's owner).
+    Gossip,
+    /// The libp2p Kademlia DHT.
+    Dht,
+}
+
+/// How one blob was found and fetched.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    /// The router that answered.
+    pub answered_by: AnsweredBy,
+    /// The provider that served it.
+    pub provider: Option<PeerId>,
+    /// Providers tried before, with what went wrong.
+    pub tried: Vec<String>,
+    /// Providers that served bad bytes or failed mid-transfer.
+    pub bad_providers: Vec<String>,
+    /// The DHT lookup, if the gossip index missed.
+    pub dht: Option<ProviderLookup>,
+    /// Milliseconds resolving DHT providers' iroh addresses.
+    pub resolve_ms: f64,
+    /// Kademlia requests resolving addresses.
+    pub resolve_messages: u32,
+    /// Milliseconds in blob transfers.
+    pub transfer_ms: u64,
+}
+
+/// What fetching one blob by hash did.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlobFetch {
+    /// The hash.
+    pub hash: String,
+    /// Its size.
+    pub bytes: u64,
+    /// The router that found the provider that served it.
+    pub answered_by: AnsweredBy,
+    /// That provider.
+    pub provider: Option<String>,
+    /// Providers tried before, with what went wrong.
+    pub tried: Vec<String>,
+    /// The DHT lookup, if the gossip index missed.
+    pub dht: Option<ProviderLookup>,
+    /// Milliseconds resolving DHT providers' iroh addresses.
+    pub resolve_ms: f64,
+    /// Milliseconds in the transfer.
+    pub transfer_ms: u64,
+    /// Milliseconds in all.
     pub total_ms: u64,
 }
 
@@ -995,6 +1245,12 @@ pub async fn run(config: NodeConfig, cancel: CancellationToken) -> Result<(), No
         }
     }
     let endpoint = build_endpoint(&config, &keypair, &lookup).await?;
+    let mut dht_config = config.dht.clone();
+    dht_config.iroh_addrs = endpoint.bound_sockets();
+    let (dht, dht_actor) = DhtActor::spawn(&keypair, dht_config).await?;
+    // Every task lives in this set; dropping it (an early error return) aborts them.
+    let mut tasks = JoinSet::new();
+    tasks.spawn(dht_actor.run(cancel.child_token()));
     let gossip = Gossip::builder()
         .max_message_size(GOSSIP_MAX_MESSAGE)
         .spawn(endpoint.clone());
@@ -1042,6 +1298,8 @@ pub async fn run(config: NodeConfig, cancel: CancellationToken) -> Result<(), No
         blobs: blobs.clone(),
         state: state.clone(),
         index: GossipIndex::default(),
+        dht: DhtRouting::new(dht.clone(), keypair.peer_id()),
+        public: config.public,
         gossip: gossip_sender,
         sync: sync_tx,
         token,
@@ -1059,11 +1317,8 @@ pub async fn run(config: NodeConfig, cancel: CancellationToken) -> Result<(), No
         neighbours: Mutex::new(BTreeSet::new()),
     });
 
-    // Index what this peer already holds.
-    if let Ok(Ok(local)) = state.call(|s| s.local_shards()).await {
-        let hashes: Vec<_> = local.iter().map(|s| s.info.hash).collect();
-        node.index.add_providers(node.me(), &hashes).await;
-    }
+    // Index and provide what this peer already holds.
+    node.provide_local().await;
 
     let router = Router::builder(endpoint.clone())
         .accept(iroh_gossip::ALPN, gossip.clone())
@@ -1071,7 +1326,6 @@ pub async fn run(config: NodeConfig, cancel: CancellationToken) -> Result<(), No
         .accept(COHORT_ALPN, CohortProtocol { node: node.clone() })
         .spawn();
 
-    let mut tasks = JoinSet::new();
     tasks.spawn(gossip_loop(
         node.clone(),
         gossip_receiver,
@@ -1111,11 +1365,12 @@ pub async fn run(config: NodeConfig, cancel: CancellationToken) -> Result<(), No
         addrs,
         http,
         pid: std::process::id(),
+        dht_addrs: dht.listen_addrs().iter().map(|a| a.to_string()).collect(),
     };
     let node_path = dir.root().join(NODE_FILE);
     let json = serde_json::to_string_pretty(&file).unwrap_or_default();
     write_private(&node_path, &json)?;
-    tracing::info!(peer = %me, %http, "node ready");
+    tracing::info!(peer = %me, %http, dht = ?file.dht_addrs, "node ready");
     eprintln!(
         "cohort node {me} ready: API http://{http}, bootstrap {}",
         file.bootstrap

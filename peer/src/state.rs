@@ -148,6 +148,9 @@ pub enum Rejection {
     /// (its own store found the bytes do not match the hash and reset the stream, or it did
     /// not hold what it announced).
     FailedTransfer,
+    /// A provider the DHT named that could not be reached or resolved for the hash it was
+    /// said to provide (its record is dropped).
+    StaleRecord,
 }
 
 /// What ingesting a manifest did.
@@ -283,11 +286,12 @@ impl State {
         &self.rejections
     }
 
-    /// Total penalties of a provider: bad shards weigh ten failed transfers.
+    /// Total penalties of a provider: bad shards weigh ten failed transfers or stale DHT records.
     pub fn penalties(&self, peer: &PeerId) -> u64 {
         self.rejections.get(peer).map_or(0, |r| {
             10 * r.get(&Rejection::BadShard).copied().unwrap_or(0)
                 + r.get(&Rejection::FailedTransfer).copied().unwrap_or(0)
+                + r.get(&Rejection::StaleRecord).copied().unwrap_or(0)
         })
     }
 

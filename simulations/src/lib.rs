@@ -12,6 +12,8 @@
 //! - [`sim`]: the [`Node`] trait (sans-IO: input and time in, actions out) and the
 //!   [`Simulation`] that owns the nodes (in a `BTreeMap`), the queue, the network and the clock.
 //! - [`overlay`]: random connected overlays of a given degree.
+//! - [`kademlia`]: iterative Kademlia provider lookups over converged routing tables: hops and
+//!   requests per lookup against log2(N) (`cohort-sim-kad`).
 //! - [`flood`]: the first scenario, gossip flooding of a signed announcement with adversaries
 //!   that corrupt what they forward.
 //!
@@ -20,6 +22,7 @@
 //! `cohort-protocol`, scenarios wrap them in a [`Node`] and drive them as they are.
 
 pub mod flood;
+pub mod kademlia;
 pub mod network;
 pub mod overlay;
 pub mod queue;
@@ -28,6 +31,7 @@ pub mod sim;
 pub mod time;
 
 pub use flood::{Flood, FloodConfig, FloodError, FloodReport, run_flood};
+pub use kademlia::{KadConfig, KadError, KadReport, run_kademlia};
 pub use network::{LatencyModel, Network, NetworkConfig, NetworkConfigError};
 pub use overlay::{Overlay, OverlayError};
 pub use queue::EventQueue;

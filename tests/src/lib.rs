@@ -111,6 +111,8 @@ pub struct Node {
     pub bootstrap: String,
     /// The endpoint's socket address.
     pub addr: String,
+    /// The DHT's first listen multiaddr (with `/p2p/PEER_ID`) for `--dht-bootstrap`.
+    pub dht_addr: String,
     child: Option<std::process::Child>,
     log: PathBuf,
 }
@@ -145,6 +147,7 @@ impl Node {
             id: String::new(),
             bootstrap: String::new(),
             addr: String::new(),
+            dht_addr: String::new(),
             child: Some(child),
             log,
         };
@@ -163,6 +166,10 @@ impl Node {
         node.id = info["peer_id"].as_str().expect("peer_id").to_owned();
         node.bootstrap = info["bootstrap"].as_str().expect("bootstrap").to_owned();
         node.addr = info["addrs"][0].as_str().expect("addrs").to_owned();
+        node.dht_addr = info["dht_addrs"][0]
+            .as_str()
+            .expect("dht_addrs")
+            .to_owned();
         node
     }
 
