@@ -114,11 +114,13 @@ mod tests {
     #[test]
     fn parses_the_documented_example_and_names_bad_fields() {
         let p = Path::new("config.json");
-        let c = FileConfig::parse(
-            r#"{"dht": {"bootstrap": ["/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"], "mode": "server", "record_ttl_secs": 60}}"#,
-            p,
-        )
-        .unwrap();
+        let peer = crate::identity::libp2p_peer_id(
+            &cohort_protocol::Keypair::from_seed(&[3; 32]).peer_id(),
+        );
+        let text = format!(
+            r#"{{"dht": {{"bootstrap": ["/ip4/127.0.0.1/tcp/4001/p2p/{peer}"], "mode": "server", "record_ttl_secs": 60}}}}"#
+        );
+        let c = FileConfig::parse(&text, p).unwrap();
         assert_eq!(c.dht.bootstrap.len(), 1);
         assert_eq!(c.dht.mode, Some(DhtMode::Server));
         assert_eq!(c.dht.record_ttl_secs, Some(60));

@@ -607,8 +607,11 @@ impl Node {
     pub async fn fetch_by_hash(&self, hash: ContentHash) -> Result<BlobFetch, String> {
         let started = Instant::now();
         let blob = iroh_blobs::Hash::from_bytes(*hash.as_bytes());
-        let complete = |s| matches!(s, Ok(iroh_blobs::api::proto::BlobStatus::Complete { .. }));
-        let routed = if complete(self.blobs.status(blob).await) {
+        let held = matches!(
+            self.blobs.status(blob).await,
+            Ok(iroh_blobs::api::proto::BlobStatus::Complete { .. })
+        );
+        let routed = if held {
             None
         } else {
             let mut conns = BlobConnections {

@@ -50,6 +50,8 @@ use record::{
     verify_addr_record,
 };
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The Kademlia protocol: Cohort's own DHT, never mixed with other networks' (e.g. IPFS).
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/cohort/kad/1.0.0");
 /// The identify protocol version string.
@@ -483,7 +485,7 @@ impl DhtActor {
             .with_tokio()
             .with_other_transport(|key| {
                 let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
-                Ok::<_, noise::Error>(
+                Ok::<_, BoxError>(
                     transport::LoopbackOnly::new(tcp, !public)
                         .upgrade(libp2p::core::upgrade::Version::V1Lazy)
                         .authenticate(noise::Config::new(key)?)
@@ -504,7 +506,7 @@ impl DhtActor {
                 } else {
                     None
                 };
-                Ok(Behaviour {
+                Ok::<_, BoxError>(Behaviour {
                     limits: connection_limits::Behaviour::new(
                         connection_limits::ConnectionLimits::default()
                             .with_max_pending_incoming(Some(64))
