@@ -378,7 +378,13 @@ pub fn dht(work: &Path, nodes: usize, keys: usize) -> anyhow::Result<()> {
         let p = match procs.last() {
             None => Proc::start_with(&dir, &[])?,
             Some(prev) => {
-                let addr = prev.client.node.dht_addrs.first().context("dht_addrs")?.clone();
+                let addr = prev
+                    .client
+                    .node
+                    .dht_addrs
+                    .first()
+                    .context("dht_addrs")?
+                    .clone();
                 Proc::start_with(&dir, &["--dht-bootstrap", &addr])?
             }
         };

@@ -433,7 +433,9 @@ impl Node {
                 .await
                 .map_err(|e| format!("shard {hash}: {e}"))?;
             report.transfer_ms += routed.transfer_ms;
-            report.bad_providers.extend(routed.bad_providers.iter().cloned());
+            report
+                .bad_providers
+                .extend(routed.bad_providers.iter().cloned());
             match routed.answered_by {
                 AnsweredBy::Gossip => report.by_gossip += 1,
                 AnsweredBy::Dht => report.by_dht += 1,
@@ -548,7 +550,8 @@ impl Node {
                 // On a real network iroh's own address lookup may still find it by id.
                 Err(e) if !self.public => {
                     routed.tried.push(format!("{} (dht): {e}", p.short()));
-                    self.drop_dht_provider(hash, p, Rejection::StaleRecord).await;
+                    self.drop_dht_provider(hash, p, Rejection::StaleRecord)
+                        .await;
                     continue;
                 }
                 Err(e) => tracing::debug!("resolving {}: {e}", p.short()),
@@ -627,7 +630,11 @@ impl Node {
         };
         let bytes = match self.blobs.status(blob).await {
             Ok(iroh_blobs::api::proto::BlobStatus::Complete { size }) => size,
-            other => return Err(format!("blob {hash}: the store has {other:?} after the fetch")),
+            other => {
+                return Err(format!(
+                    "blob {hash}: the store has {other:?} after the fetch"
+                ));
+            }
         };
         Ok(BlobFetch {
             hash: hash.to_string(),

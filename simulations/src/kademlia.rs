@@ -307,8 +307,7 @@ pub fn run_kademlia(config: KadConfig) -> Result<KadReport, KadError> {
             first_req.push(f64::from(q));
         }
     }
-    let table_size =
-        net.tables.iter().map(Vec::len).sum::<usize>() as f64 / config.nodes as f64;
+    let table_size = net.tables.iter().map(Vec::len).sum::<usize>() as f64 / config.nodes as f64;
     Ok(KadReport {
         config,
         found,
@@ -350,7 +349,10 @@ mod tests {
         assert!(b.hops.mean >= a.hops.mean, "{a}\n{b}");
         // At most alpha requests per hop, and about log2(N) hops at worst.
         for r in [&a, &b] {
-            assert!(r.requests_first.mean <= r.config.alpha as f64 * r.log2_n(), "{r}");
+            assert!(
+                r.requests_first.mean <= r.config.alpha as f64 * r.log2_n(),
+                "{r}"
+            );
         }
     }
 

@@ -166,10 +166,7 @@ impl Node {
         node.id = info["peer_id"].as_str().expect("peer_id").to_owned();
         node.bootstrap = info["bootstrap"].as_str().expect("bootstrap").to_owned();
         node.addr = info["addrs"][0].as_str().expect("addrs").to_owned();
-        node.dht_addr = info["dht_addrs"][0]
-            .as_str()
-            .expect("dht_addrs")
-            .to_owned();
+        node.dht_addr = info["dht_addrs"][0].as_str().expect("dht_addrs").to_owned();
         node
     }
 

@@ -94,14 +94,20 @@ fn twelve_peers_find_a_shard_through_the_dht_and_one_without_its_gossip_fetches_
     let status = fetcher.json(&["status"]);
     assert_eq!(status["neighbours"], serde_json::json!([]), "{status}");
     assert_eq!(status["datanets"], 0);
-    assert!(status["dht"]["routing_peers"].as_u64().unwrap() >= 1, "{status}");
+    assert!(
+        status["dht"]["routing_peers"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
 
     let out = tmp.path().join("fetched.shard");
     let fetched = fetcher.json(&["blob", "fetch", &hash, "--out", out.to_str().unwrap()]);
     assert_eq!(fetched["answered_by"], "dht", "{fetched}");
     assert_eq!(fetched["provider"], publisher.id.as_str());
     assert_eq!(fetched["bytes"], bytes);
-    assert!(fetched["dht"]["messages"].as_u64().unwrap() >= 1, "{fetched}");
+    assert!(
+        fetched["dht"]["messages"].as_u64().unwrap() >= 1,
+        "{fetched}"
+    );
     // The bytes on disk are the shard: their BLAKE3 is its hash.
     let hashed = cohort_tests::success(fetcher.cmd().arg("hash").arg(&out).output().unwrap());
     assert!(hashed.starts_with(&hash), "{hashed}");
@@ -113,7 +119,11 @@ fn twelve_peers_find_a_shard_through_the_dht_and_one_without_its_gossip_fetches_
 
     // The publisher resolved by id: its signed address record names its iroh address.
     let resolved = nodes[11].json(&["dht", "resolve", &publisher.id]);
-    assert_eq!(resolved["lookup"]["addrs"][0], publisher.addr.as_str(), "{resolved}");
+    assert_eq!(
+        resolved["lookup"]["addrs"][0],
+        publisher.addr.as_str(),
+        "{resolved}"
+    );
     eprintln!("test took {:?}", started.elapsed());
 }
 
@@ -155,14 +165,10 @@ fn a_provider_that_goes_away_expires_and_the_fetch_falls_back_to_another() {
     assert_eq!(report["report"]["fetched"], 1, "{report}");
 
     for n in [&c, &d] {
-        wait_until(
-            "both providers in the DHT",
-            Duration::from_secs(30),
-            || {
-                let ps = providers(n, &hash);
-                (ps.contains(&a.id) && ps.contains(&b.id)).then_some(())
-            },
-        );
+        wait_until("both providers in the DHT", Duration::from_secs(30), || {
+            let ps = providers(n, &hash);
+            (ps.contains(&a.id) && ps.contains(&b.id)).then_some(())
+        });
     }
 
     // A goes away without a goodbye. C fetches at once: A's record may still be there, and if
@@ -174,20 +180,33 @@ fn a_provider_that_goes_away_expires_and_the_fetch_falls_back_to_another() {
     let tried: Vec<Value> = fetched["tried"].as_array().unwrap().clone();
     if !tried.is_empty() {
         let status = c.json(&["status"]);
-        assert!(status["rejected"][&a.id]["stale_record"].as_u64() >= Some(1), "{status}");
-        assert!(status["dht"]["dropped_providers"].as_u64() >= Some(1), "{status}");
+        assert!(
+            status["rejected"][&a.id]["stale_record"].as_u64() >= Some(1),
+            "{status}"
+        );
+        assert!(
+            status["dht"]["dropped_providers"].as_u64() >= Some(1),
+            "{status}"
+        );
         assert!(!providers(&c, &hash).contains(&a.id));
     }
 
     // D never tried A: A's record leaves its answers only by expiring (3 s TTL), while B,
     // which re-publishes, stays.
     let killed = Instant::now();
-    wait_until("A's provider record to expire", Duration::from_secs(30), || {
-        let ps = providers(&d, &hash);
-        assert!(ps.contains(&b.id), "B's record must stay: {ps:?}");
-        (!ps.contains(&a.id)).then_some(())
-    });
-    eprintln!("A's record gone from D's answers {:?} after the kill", killed.elapsed());
+    wait_until(
+        "A's provider record to expire",
+        Duration::from_secs(30),
+        || {
+            let ps = providers(&d, &hash);
+            assert!(ps.contains(&b.id), "B's record must stay: {ps:?}");
+            (!ps.contains(&a.id)).then_some(())
+        },
+    );
+    eprintln!(
+        "A's record gone from D's answers {:?} after the kill",
+        killed.elapsed()
+    );
     let fetched = d.json(&["blob", "fetch", &hash]);
     assert_eq!(fetched["provider"], b.id.as_str(), "{fetched}");
     assert_eq!(fetched["tried"], serde_json::json!([]), "{fetched}");

@@ -31,14 +31,16 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use cohort_protocol::{ContentHash, Keypair, PeerId};
+use libp2p::core::Transport as _;
 use libp2p::futures::StreamExt as _;
 use libp2p::kad::store::{MemoryStore, MemoryStoreConfig, RecordStore as _};
 use libp2p::kad::{self, GetProvidersOk, GetRecordOk, QueryId, QueryResult, RecordKey};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::core::Transport as _;
-use libp2p::{Multiaddr, StreamProtocol, Swarm, connection_limits, identify, mdns, noise, tcp, yamux};
+use libp2p::{
+    Multiaddr, StreamProtocol, Swarm, connection_limits, identify, mdns, noise, tcp, yamux,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -293,9 +295,15 @@ impl std::fmt::Debug for Command {
 }
 
 impl DhtHandle {
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, DhtError> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, DhtError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| DhtError::Gone)?;
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| DhtError::Gone)?;
         rx.await.map_err(|_| DhtError::Gone)
     }
 
@@ -444,7 +452,10 @@ fn ms(d: Duration) -> f64 {
 impl DhtActor {
     /// Builds the swarm, binds its listeners and queues the bootstrap; returns the handle and
     /// the actor (not yet running: spawn [`DhtActor::run`]).
-    pub async fn spawn(keypair: &Keypair, config: DhtConfig) -> Result<(DhtHandle, Self), DhtError> {
+    pub async fn spawn(
+        keypair: &Keypair,
+        config: DhtConfig,
+    ) -> Result<(DhtHandle, Self), DhtError> {
         for addr in &config.bootstrap {
             let bad = |reason: &str| DhtError::Bootstrap {
                 addr: addr.clone(),
@@ -502,7 +513,10 @@ impl DhtActor {
                     (DhtMode::Auto, true) => None,
                 });
                 let mdns = if mdns_on {
-                    Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local_id)?)
+                    Some(mdns::tokio::Behaviour::new(
+                        mdns::Config::default(),
+                        local_id,
+                    )?)
                 } else {
                     None
                 };
@@ -697,8 +711,10 @@ impl DhtActor {
                 );
             }
             Command::Resolve { peer, reply } => {
-                let fresh_after = unix_ms().saturating_sub(self.config.record_ttl.as_millis() as u64);
-                if let Some((addrs, _)) = self.addrs.get(&peer).filter(|(_, at)| *at >= fresh_after) {
+                let fresh_after =
+                    unix_ms().saturating_sub(self.config.record_ttl.as_millis() as u64);
+                if let Some((addrs, _)) = self.addrs.get(&peer).filter(|(_, at)| *at >= fresh_after)
+                {
                     reply
                         .send(Ok(AddrLookup {
                             addrs: addrs.clone(),
@@ -905,8 +921,16 @@ impl DhtActor {
                     return;
                 }
                 let mut record = record;
-                record.addresses.retain(|a| self.config.public || is_loopback(a));
-                match self.swarm.behaviour_mut().kad.store_mut().add_provider(record) {
+                record
+                    .addresses
+                    .retain(|a| self.config.public || is_loopback(a));
+                match self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .store_mut()
+                    .add_provider(record)
+                {
                     Ok(()) => self.stats.records_stored += 1,
                     Err(_) => self.stats.store_full += 1,
                 }

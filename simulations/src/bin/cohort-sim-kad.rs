@@ -103,11 +103,19 @@ mod tests {
 
     #[test]
     fn flags_and_errors() {
-        let c = parse(&["--nodes", "50", "--k=4", "--seed", "9"]).unwrap().unwrap();
+        let c = parse(&["--nodes", "50", "--k=4", "--seed", "9"])
+            .unwrap()
+            .unwrap();
         assert_eq!((c.nodes, c.k, c.alpha, c.seed), (50, 4, 3, 9));
         assert_eq!(parse(&["-h"]), Ok(None));
-        assert_eq!(parse(&["--nodes", "x"]), Err("--nodes: cannot parse \"x\"".into()));
-        assert_eq!(parse(&["--fanout", "3"]), Err("unknown argument \"--fanout\"".into()));
+        assert_eq!(
+            parse(&["--nodes", "x"]),
+            Err("--nodes: cannot parse \"x\"".into())
+        );
+        assert_eq!(
+            parse(&["--fanout", "3"]),
+            Err("unknown argument \"--fanout\"".into())
+        );
         assert_eq!(parse(&["--k"]), Err("--k: missing value".into()));
     }
 }
