@@ -50,6 +50,10 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/api/sync", post(sync_now))
         .merge(cohort_gui_lite::router())
         .with_state(node)
+        // The OpenAI-compatible API; models load on the first request that names them.
+        .merge(crate::openai::router(crate::openai::OpenAi::lazy(
+            crate::openai::ServeOptions::default(),
+        )))
 }
 
 /// An error answer: a status and a message for the user; internals go to the log.
