@@ -20,6 +20,9 @@ fn the_openai_client_library_reads_every_answer() {
     if !default_model_present() {
         return;
     }
+    // Another crate of the build turns on reqwest's rustls without a crypto provider; the client
+    // never uses TLS here (plain HTTP to 127.0.0.1), but reqwest wants a provider installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &["--api-key", "sk-test"]);
     let rt = tokio::runtime::Builder::new_current_thread()
