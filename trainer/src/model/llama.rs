@@ -42,10 +42,17 @@ impl Frozen {
         }
     }
 
-    /// `x·Wᵀ`.
+    /// `x·Wᵀ` (as one matrix product over every leading position).
     pub fn linear<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         match self {
-            Frozen::Dense(w) => linear(x, w.val().transpose(), None),
+            Frozen::Dense(w) => {
+                let dims = x.dims();
+                let n = dims[..D - 1].iter().product::<usize>();
+                let y = x.reshape([n, dims[D - 1]]).matmul(w.val().transpose());
+                let mut out = dims;
+                out[D - 1] = y.dims()[1];
+                y.reshape(out)
+            }
             Frozen::Packed(p) => p.linear(x),
         }
     }
@@ -95,28 +102,40 @@ impl Projection {
 
     /// `x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let base = self.weight.linear(x.clone());
-        match &self.lora {
-            None => base,
-            Some(l) => {
-                let down = linear(x, l.a.val().transpose(), None).mul_scalar(l.scaling);
-                base + linear(down, l.b.val().transpose(), None)
-            }
-        }
+        self.forward_train(x, None)
     }
 
     /// [`forward`](Self::forward) with LoRA dropout on the adapter's input (training only):
     /// `x·Wᵀ + s·((x ⊙ mask)·Aᵀ)·Bᵀ`, PEFT's `lora_dropout`.
-    pub fn forward_train(&self, x: Tensor<3>, drop: Option<&mut LoraDropout>) -> Tensor<3> {
-        match (&self.lora, drop) {
-            (Some(l), Some(d)) if d.p > 0.0 => {
-                let base = self.weight.linear(x.clone());
-                let mask = d.mask(x.dims(), &x.device());
-                let down = linear(x * mask, l.a.val().transpose(), None).mul_scalar(l.scaling);
+    ///
+    /// The products run on `x` flattened to `[tokens, in]`: one large matrix product packs `W`
+    /// once, where a batched `[batch, seq, in]` product packed it once per sequence.
+    pub fn forward_train<const D: usize>(
+        &self,
+        x: Tensor<D>,
+        drop: Option<&mut LoraDropout>,
+    ) -> Tensor<D> {
+        let dims = x.dims();
+        let n = dims[..D - 1].iter().product::<usize>();
+        let x = x.reshape([n, dims[D - 1]]);
+        let base = self.weight.linear(x.clone());
+        let y = match (&self.lora, drop) {
+            (None, _) => base,
+            (Some(l), drop) => {
+                let x = match drop {
+                    Some(d) if d.p > 0.0 => {
+                        let mask = d.mask([1, n, dims[D - 1]], &x.device());
+                        x * mask.reshape([n, dims[D - 1]])
+                    }
+                    _ => x,
+                };
+                let down = linear(x, l.a.val().transpose(), None).mul_scalar(l.scaling);
                 base + linear(down, l.b.val().transpose(), None)
             }
-            _ => self.forward(x),
-        }
+        };
+        let mut out = dims;
+        out[D - 1] = y.dims()[1];
+        y.reshape(out)
     }
 
     /// The frozen weight, `[out_features, in_features]`.
