@@ -87,6 +87,25 @@ impl EngineCache {
     }
 }
 
+/// `Σ a·b` with 16 independent partial sums, a shape the compiler turns into vector code on any
+/// CPU (the adapter's products are small next to the base's, but a scalar loop made an adapter
+/// cost a third of the decoding speed).
+fn lora_dot(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let n = a.len().min(b.len()) / L * L;
+    let mut acc = [0f32; L];
+    for (x, y) in a[..n].chunks_exact(L).zip(b[..n].chunks_exact(L)) {
+        for l in 0..L {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for (x, y) in a[n..].iter().zip(&b[n..]) {
+        s += x * y;
+    }
+    s
+}
+
 /// Which logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -206,19 +225,10 @@ impl Engine {
         let mut down = vec![0f32; r];
         for (xt, yt) in x.chunks_exact(f.d_in).zip(y.chunks_exact_mut(f.d_out)) {
             for (k, d) in down.iter_mut().enumerate() {
-                *d = f.a[k * f.d_in..(k + 1) * f.d_in]
-                    .iter()
-                    .zip(xt)
-                    .map(|(a, b)| a * b)
-                    .sum::<f32>()
-                    * s;
+                *d = lora_dot(&f.a[k * f.d_in..(k + 1) * f.d_in], xt) * s;
             }
             for (o, yo) in yt.iter_mut().enumerate() {
-                *yo += f.b[o * r..(o + 1) * r]
-                    .iter()
-                    .zip(&down)
-                    .map(|(a, b)| a * b)
-                    .sum::<f32>();
+                *yo += lora_dot(&f.b[o * r..(o + 1) * r], &down);
             }
         }
     }
