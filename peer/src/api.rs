@@ -26,7 +26,6 @@ use serde_json::{Value, json};
 use crate::identity::endpoint_id;
 use crate::import::{DEFAULT_SHARD_BYTES, ImportError, default_token_counter, import_files};
 use crate::node::Node;
-use crate::routing::ContentRouting as _;
 use crate::state::{DatanetRecord, StateError, StateGone, SubmissionStatus, now};
 
 type AppState = Arc<Node>;
@@ -53,6 +52,10 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/api/dht/peers/{peer}", get(dht_resolve))
         .merge(cohort_gui_lite::router())
         .with_state(node)
+        // The OpenAI-compatible API; models load on the first request that names them.
+        .merge(crate::openai::router(crate::openai::OpenAi::lazy(
+            crate::openai::ServeOptions::default(),
+        )))
 }
 
 /// An error answer: a status and a message for the user; internals go to the log.

@@ -478,3 +478,227 @@ pub fn dht(work: &Path, nodes: usize, keys: usize) -> anyhow::Result<()> {
     std::fs::remove_dir_all(work).ok();
     Ok(())
 }
+
+/// One streamed completion's timings.
+#[derive(Debug, Clone, Copy)]
+struct StreamTiming {
+    first_token_s: f64,
+    total_s: f64,
+    tokens: usize,
+}
+
+/// A streaming `POST /v1/chat/completions` over plain HTTP/1.1 (`Connection: close`), timing the
+/// first text chunk and counting text chunks (one per token on both servers measured).
+fn stream_once(addr: &str, body: &Value) -> anyhow::Result<StreamTiming> {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let started = Instant::now();
+    let mut conn = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    let body = body.to_string();
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let reader = BufReader::new(conn);
+    let (mut first, mut tokens) = (None, 0usize);
+    let mut other = String::new();
+    for line in reader.lines() {
+        let line = line?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            if other.len() < 400 {
+                other.push_str(&line);
+                other.push('\n');
+            }
+            continue;
+        };
+        if data.trim() == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data)
+            .with_context(|| format!("a server-sent event that is not JSON: {data}"))?;
+        if v["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty())
+        {
+            first.get_or_insert_with(|| started.elapsed().as_secs_f64());
+            tokens += 1;
+        }
+    }
+    Ok(StreamTiming {
+        first_token_s: first
+            .with_context(|| format!("the stream carried no text; the response began: {other}"))?,
+        total_s: started.elapsed().as_secs_f64(),
+        tokens,
+    })
+}
+
+/// `streams` concurrent streamed answers of `max_tokens` each: time to first token (median and
+/// worst), tokens/s per stream (median of `tokens / (total - first)`) and the aggregate.
+fn serve_round(
+    addr: &str,
+    model: &str,
+    streams: usize,
+    max_tokens: usize,
+) -> anyhow::Result<Value> {
+    let started = Instant::now();
+    let timings: Vec<anyhow::Result<StreamTiming>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..streams)
+            .map(|i| {
+                let body = json!({
+                    "model": model,
+                    "stream": true,
+                    "temperature": 0.8,
+                    "seed": i,
+                    "max_tokens": max_tokens,
+                    "messages": [{"role": "user", "content": format!("Write a long story about lighthouse keeper number {i}.")}],
+                });
+                scope.spawn(move || stream_once(addr, &body))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a client thread panicked")))
+            })
+            .collect()
+    });
+    let wall = started.elapsed().as_secs_f64();
+    let timings: Vec<StreamTiming> = timings.into_iter().collect::<anyhow::Result<_>>()?;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let total: usize = timings.iter().map(|t| t.tokens).sum();
+    Ok(json!({
+        "streams": streams,
+        "ttft_median_s": median(timings.iter().map(|t| t.first_token_s).collect()),
+        "ttft_max_s": timings.iter().map(|t| t.first_token_s).fold(0.0, f64::max),
+        "tokens_per_s_per_stream": median(timings.iter().map(|t| t.tokens.saturating_sub(1) as f64 / (t.total_s - t.first_token_s).max(1e-9)).collect()),
+        "tokens_per_s_total": total as f64 / wall,
+        "tokens": total,
+    }))
+}
+
+/// A server child process, killed when dropped.
+struct ServerProc(Child);
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
+}
+
+fn wait_http(addr: &str, child: &mut Child) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("the server exited with {status}");
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(120),
+            "{addr} never answered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// `cohort bench serve`: streaming throughput and latency of `cohort serve` at each concurrency,
+/// with an adapter and without, and (given `llama_python`) of llama.cpp's OpenAI-compatible
+/// server on the same GGUF in the same run.
+pub fn serve(
+    model: &str,
+    streams: &[usize],
+    max_tokens: usize,
+    adapter: Option<&Path>,
+    llama_python: Option<&Path>,
+    work_dir: &Path,
+) -> anyhow::Result<()> {
+    let path = cohort_trainer::models::resolve(model)?;
+    std::fs::create_dir_all(work_dir)?;
+    let port = free_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let parallel = streams.iter().copied().max().unwrap_or(1);
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["serve", "--http", &addr, "--model"])
+        .arg(&path)
+        .args(["--parallel", &parallel.to_string()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(work_dir.join("serve.log"))?);
+    let mut child = ServerProc(cmd.spawn().context("starting cohort serve")?);
+    wait_http(&addr, &mut child.0)?;
+    let base_id = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let base_id = if path == cohort_trainer::models::default_model_path() {
+        cohort_trainer::models::DEFAULT_MODEL_ID.to_string()
+    } else {
+        base_id
+    };
+    let mut runs = vec![("cohort", base_id.clone(), addr.clone())];
+    if let Some(a) = adapter {
+        runs.push((
+            "cohort+adapter",
+            format!("{base_id}:{}", a.display()),
+            addr.clone(),
+        ));
+    }
+    let mut results = Vec::new();
+    for (name, model_id, addr) in &runs {
+        // One warm-up answer loads the model (and the adapter).
+        serve_round(addr, model_id, 1, 4)?;
+        for &n in streams {
+            let mut r = serve_round(addr, model_id, n, max_tokens)?;
+            r["server"] = json!(name);
+            println!("{r}");
+            results.push(r);
+        }
+    }
+    drop(child);
+    if let Some(python) = llama_python {
+        let port = free_port()?;
+        let addr = format!("127.0.0.1:{port}");
+        let mut cmd = Command::new(python);
+        cmd.args(["-m", "llama_cpp.server", "--model"])
+            .arg(&path)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--n_threads",
+                "2",
+                "--n_ctx",
+                "4096",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(work_dir.join("llama-server.log"))?);
+        let mut child = ServerProc(cmd.spawn().context("starting llama_cpp.server")?);
+        wait_http(&addr, &mut child.0)?;
+        serve_round(&addr, "m", 1, 4)?;
+        for &n in streams {
+            // Reported, not fatal: under concurrency its server has answered some streams with
+            // no text at all in this harness.
+            let r = match serve_round(&addr, "m", n, max_tokens) {
+                Ok(mut r) => {
+                    r["server"] = json!("llama.cpp");
+                    r
+                }
+                Err(e) => json!({ "server": "llama.cpp", "streams": n, "error": format!("{e:#}") }),
+            };
+            println!("{r}");
+            results.push(r);
+        }
+    }
+    println!("{}", json!({ "results": results }));
+    Ok(())
+}

@@ -11,6 +11,7 @@
 //! - [`state`]: the state actor that owns the store and the per-peer counters.
 //! - [`node`]: `cohort up`: endpoint, router, gossip, blobs, `cohort/1`, sync.
 //! - [`api`]: the JSON API and dashboard.
+//! - [`openai`]: the OpenAI-compatible API (`/v1/...`) and `/metrics`.
 //! - [`import`]: JSONL validation, normalisation, deduplication, shards.
 //! - [`routing`]: content routing ("which peers provide hash H").
 //! - [`dht`]: the libp2p Kademlia DHT, the second content router, and peer address records.
@@ -26,6 +27,7 @@ pub mod dht;
 pub mod identity;
 pub mod import;
 pub mod node;
+pub mod openai;
 pub mod routing;
 pub mod rpc;
 pub mod state;

@@ -111,6 +111,9 @@ enum Command {
         #[arg(long)]
         no_mdns: bool,
     },
+    /// Serve base models and LoRA adapters through an OpenAI-compatible API
+    /// (`/v1/chat/completions`, `/v1/completions`, `/v1/models`) and `/metrics`, without a node.
+    Serve(ServeArgs),
     /// Show the running node's status: peers, datanets, DHT, rejected messages per peer.
     Status,
     /// Blobs by hash: fetch one from whichever peer provides it.
@@ -142,6 +145,32 @@ enum Command {
         #[command(subcommand)]
         command: DebugCommand,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Base models to load now (repeatable; an id, a file name in the model cache, a path or a
+    /// BLAKE3 hash). Others load when a request names them.
+    #[arg(long, default_value = cohort_trainer::models::DEFAULT_MODEL_ID)]
+    model: Vec<String>,
+    /// Adapters to load now (repeatable): `BASE:DIR`, or a PEFT directory for the first model.
+    #[arg(long)]
+    adapter: Vec<String>,
+    /// The HTTP address (127.0.0.1 by default; port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// Generations running at once.
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// Requests that may wait for a slot; more are refused with 429.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Memory budget of the adapter cache (MB).
+    #[arg(long, default_value_t = 1024)]
+    adapter_cache_mb: usize,
+    /// Accept only requests with `Authorization: Bearer KEY` (repeatable).
+    #[arg(long, env = "COHORT_API_KEY", value_name = "KEY")]
+    api_key: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -310,6 +339,27 @@ enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         keys: usize,
         /// Scratch directory (removed afterwards).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
+    /// Streaming latency and throughput of `cohort serve` at several concurrencies, with and
+    /// without an adapter, optionally beside llama.cpp's OpenAI-compatible server.
+    Serve {
+        #[arg(long, default_value = cohort_trainer::models::DEFAULT_MODEL_ID)]
+        model: String,
+        /// Concurrent streams, one measurement each.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        streams: Vec<usize>,
+        /// Tokens per answer.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Also measure with this PEFT adapter applied.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// A Python with llama-cpp-python[server] installed: measure its server too.
+        #[arg(long, value_name = "PYTHON")]
+        llama_python: Option<PathBuf>,
+        /// Scratch directory (logs).
         #[arg(long)]
         work_dir: Option<PathBuf>,
     },
@@ -747,6 +797,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             runtime()?.block_on(up(config))?;
         }
+        Command::Serve(args) => runtime()?.block_on(serve(&cli, args))?,
         Command::Status => {
             let v = client(&cli)?.get("/api/status")?;
             print(&cli, &v, pretty);
@@ -819,6 +870,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     rounds,
                     work_dir,
                 } => bench::transfer(&scratch(work_dir), *mib, *shard_mib, *rounds)?,
+                BenchCommand::Serve {
+                    model,
+                    streams,
+                    max_tokens,
+                    adapter,
+                    llama_python,
+                    work_dir,
+                } => bench::serve(
+                    model,
+                    streams,
+                    *max_tokens,
+                    adapter.as_deref(),
+                    llama_python.as_deref(),
+                    &scratch(work_dir),
+                )?,
                 BenchCommand::Publish {
                     nodes,
                     rounds,
@@ -844,6 +910,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(debug_get_blob(dir, from.clone(), hash.clone()))?;
         }
     }
+    Ok(())
+}
+
+/// `cohort serve`: the OpenAI-compatible API alone, until SIGINT or SIGTERM.
+async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
+    use cohort_peer::openai::{OpenAi, ServeOptions};
+    let options = ServeOptions {
+        models: args.model.clone(),
+        adapters: args.adapter.clone(),
+        parallel: args.parallel.max(1),
+        queue: args.queue,
+        adapter_cache_bytes: args.adapter_cache_mb << 20,
+        api_keys: args.api_key.clone(),
+    };
+    let state = tokio::task::spawn_blocking(move || OpenAi::new(options)).await??;
+    let listener = tokio::net::TcpListener::bind(args.http)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.http))?;
+    let addr = listener.local_addr()?;
+    if let Some(dir) = &cli.data_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let file = cohort_peer::openai::serve_file(dir);
+        std::fs::write(&file, json!({ "http": addr.to_string() }).to_string())
+            .with_context(|| format!("cannot write {}", file.display()))?;
+    }
+    println!("cohort serve: OpenAI-compatible API at http://{addr}/v1");
+    std::io::Write::flush(&mut std::io::stdout())?;
+    axum::serve(listener, cohort_peer::openai::router(state))
+        .with_graceful_shutdown(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+        })
+        .await?;
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use cohort_trainer::engine::Engine;
 use cohort_trainer::generate::{BurnLm, CausalLm, EngineLm, SamplingParams, generate};
 use cohort_trainer::gguf::GgufFile;
-use cohort_trainer::model::Llama;
+use cohort_trainer::model::{BaseWeights, Llama};
 use cohort_trainer::models;
 use cohort_trainer::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 
@@ -438,7 +438,8 @@ pub struct TrainArgs {
     seed: u64,
     #[arg(long)]
     max_steps: Option<usize>,
-    /// Keep the frozen base in 4-bit blocks (not available yet).
+    /// QLoRA: keep the frozen base in its quantized GGUF blocks (Q4_1 for the default model),
+    /// dequantized one matrix at a time inside each product, instead of an f32 copy.
     #[arg(long)]
     qlora: bool,
     /// Save a checkpoint (adapter, optimizer state, position) in OUT/checkpoint every N steps.
@@ -516,10 +517,6 @@ fn mean_loss(
 pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     use cohort_trainer::adapter::{AdapterWeights, LoraSpec, attach};
     use cohort_trainer::train::{Schedule, TrainConfig};
-    anyhow::ensure!(
-        !args.qlora,
-        "--qlora is not available yet: the 4-bit frozen base is the next step of the trainer; train without it"
-    );
     let file = open(&args.model)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let template = ChatTemplate::from_gguf(&file)?;
@@ -574,7 +571,21 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     );
     let pad = tokenizer.pad().or(tokenizer.eos()).unwrap_or(0);
     let device = burn::tensor::Device::flex().autodiff();
-    let mut model = Llama::from_gguf(&file, &device)?;
+    let base = if args.qlora {
+        BaseWeights::Packed
+    } else {
+        BaseWeights::F32
+    };
+    let mut model = Llama::load(&cohort_trainer::model::Weights::gguf(&file)?, &device, base)?;
+    eprintln!(
+        "frozen base: {:.0} MB ({})",
+        model.base_bytes() as f64 / 1e6,
+        if args.qlora {
+            "QLoRA: the GGUF's quantized blocks"
+        } else {
+            "f32"
+        }
+    );
     attach(&mut model, &spec)?;
     let eval_before = eval_set
         .as_ref()
@@ -640,6 +651,8 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         "seconds": started.elapsed().as_secs_f64(),
         "eval_loss_before": eval_before,
         "eval_loss_after": eval_after,
+        "qlora": args.qlora,
+        "base_mb": model.base_bytes() as f64 / 1e6,
         "peak_rss_mb": peak_rss().map(|b| b / 1_000_000),
     });
     println!("{summary}");
@@ -785,6 +798,9 @@ pub struct BenchTrainArgs {
     /// Run the anchor under bf16 autocast too.
     #[arg(long)]
     anchor_bf16: bool,
+    /// Train QLoRA (the frozen base packed to Q4_1 blocks) instead of LoRA.
+    #[arg(long)]
+    qlora: bool,
 }
 
 pub fn bench_train(args: &BenchTrainArgs) -> anyhow::Result<()> {
@@ -802,7 +818,12 @@ pub fn bench_train(args: &BenchTrainArgs) -> anyhow::Result<()> {
         targets: args.targets.split(',').map(str::to_string).collect(),
     };
     let dir = tempfile_dir()?;
-    let ours = training(&shape, args.steps, args.warmup, &dir).map_err(anyhow::Error::msg);
+    let base = if args.qlora {
+        BaseWeights::Packed
+    } else {
+        BaseWeights::F32
+    };
+    let ours = training(&shape, args.steps, args.warmup, base, &dir).map_err(anyhow::Error::msg);
     let _ = std::fs::remove_dir_all(&dir);
     let ours = ours?;
     let mut line =

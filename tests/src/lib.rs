@@ -293,3 +293,150 @@ pub fn default_model_present() -> bool {
     );
     false
 }
+
+/// A plain HTTP/1.1 exchange over one `Connection: close` connection: the status, the headers
+/// (lower-case names) and the body (chunked transfer decoded). Written for the tests so that the
+/// wire format is read by code that shares nothing with the server.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, Vec<(String, String)>, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the server");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(300)))
+        .expect("read timeout");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    req.push_str("\r\n");
+    if let Some(b) = body {
+        req.push_str(b);
+    }
+    stream.write_all(req.as_bytes()).expect("send the request");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read the response");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+    {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let eol = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .expect("a chunk size line");
+            let size = usize::from_str_radix(
+                String::from_utf8_lossy(&rest[..eol])
+                    .split(';')
+                    .next()
+                    .unwrap_or("0")
+                    .trim(),
+                16,
+            )
+            .expect("a hex chunk size");
+            rest = &rest[eol + 2..];
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[..size]);
+            rest = &rest[size + 2..];
+        }
+        body = out;
+    }
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The `data:` payloads of a server-sent-events body, in order.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .flat_map(|event| {
+            let data: Vec<&str> = event
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                .collect();
+            (!data.is_empty()).then(|| data.join("\n"))
+        })
+        .collect()
+}
+
+/// A running `cohort serve` process; killed when dropped.
+#[derive(Debug)]
+pub struct Server {
+    /// `IP:PORT`.
+    pub addr: String,
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts `cohort serve --http 127.0.0.1:0 ARGS` and waits until it listens.
+    pub fn start(dir: &Path, args: &[&str]) -> Server {
+        std::fs::create_dir_all(dir).expect("data dir");
+        let log = dir.join("serve.log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let mut child = cohort(dir)
+            .args(["serve", "--http", "127.0.0.1:0"])
+            .args(args)
+            .env_remove("COHORT_API_KEY")
+            .stdout(log_file.try_clone().expect("log file"))
+            .stderr(log_file)
+            .spawn()
+            .expect("cohort serve starts");
+        let info = wait_until("cohort serve's serve.json", START_DEADLINE, || {
+            if let Some(status) = child.try_wait().ok().flatten() {
+                panic!(
+                    "cohort serve exited with {status}:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            let text = std::fs::read_to_string(dir.join("serve.json")).ok()?;
+            serde_json::from_str::<serde_json::Value>(&text).ok()
+        });
+        Server {
+            addr: info["http"].as_str().expect("http").to_owned(),
+            child,
+            log,
+        }
+    }
+
+    /// The server's log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}

@@ -134,7 +134,7 @@ pub fn attach(model: &mut Llama, spec: &LoraSpec) -> Result<(), AdapterError> {
     for (l, block) in model.layers_mut().iter_mut().enumerate() {
         for &p in &targets {
             let proj = block.projection_mut(p);
-            let [d_out, d_in] = proj.weight().val().dims();
+            let [d_out, d_in] = proj.weight().dims();
             let cfg =
                 LoraLinearConfig::new(d_in, d_out, spec.rank, projection_seed(spec.seed, l, p));
             let a = Tensor::<2>::from_data(
@@ -234,7 +234,7 @@ impl AdapterWeights {
                 )));
             }
             let proj = model.layers_mut()[l].projection_mut(Proj::ALL[pi]);
-            let [d_out, d_in] = proj.weight().val().dims();
+            let [d_out, d_in] = proj.weight().dims();
             if (f.d_in, f.d_out) != (d_in, d_out)
                 || f.a.len() != self.spec.rank * d_in
                 || f.b.len() != d_out * self.spec.rank

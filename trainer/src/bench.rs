@@ -82,6 +82,10 @@ pub struct TrainBench {
     pub threads: usize,
     pub tokens_per_s: f64,
     pub loss: f64,
+    /// QLoRA: the frozen base packed (the random f32 weights quantized to Q4_1 at load).
+    pub qlora: bool,
+    /// Bytes of the frozen weight matrices.
+    pub base_bytes: usize,
 }
 
 /// Writes a GGUF file of a Llama with random F32 weights (tied embeddings, seeded).
@@ -162,6 +166,7 @@ pub fn training(
     shape: &TrainShape,
     steps: usize,
     warmup: usize,
+    base: crate::model::BaseWeights,
     dir: &std::path::Path,
 ) -> Result<TrainBench, String> {
     use burn::optim::{AdamWConfig, GradientsParams};
@@ -169,7 +174,10 @@ pub fn training(
     random_model(shape, 1, &path).map_err(|e| format!("{}: {e}", path.display()))?;
     let file = crate::gguf::GgufFile::open(&path).map_err(|e| e.to_string())?;
     let device = burn::tensor::Device::flex().autodiff();
-    let mut model = crate::model::Llama::from_gguf(&file, &device).map_err(|e| e.to_string())?;
+    let weights = crate::model::Weights::gguf(&file).map_err(|e| e.to_string())?;
+    let mut model =
+        crate::model::Llama::load(&weights, &device, base).map_err(|e| e.to_string())?;
+    let base_bytes = model.base_bytes();
     let spec = crate::adapter::LoraSpec {
         rank: shape.rank,
         alpha: 2.0 * shape.rank as f32,
@@ -213,5 +221,7 @@ pub fn training(
         threads: rayon::current_num_threads(),
         tokens_per_s: (shape.batch * shape.seq * steps) as f64 / dt,
         loss,
+        qlora: base == crate::model::BaseWeights::Packed,
+        base_bytes,
     })
 }

@@ -37,6 +37,8 @@ pub trait CausalLm {
 pub struct EngineLm<'a> {
     engine: &'a Engine,
     cache: EngineCache,
+    /// An adapter for this generation only (else the engine's own, if any).
+    adapter: Option<&'a crate::adapter::AdapterWeights>,
 }
 
 impl<'a> EngineLm<'a> {
@@ -44,13 +46,32 @@ impl<'a> EngineLm<'a> {
         EngineLm {
             engine,
             cache: EngineCache::new(),
+            adapter: None,
+        }
+    }
+
+    /// Generation with `adapter` applied on the fly; the shared engine is untouched (check the
+    /// adapter with [`Engine::check_adapter`] first).
+    pub fn with_adapter(
+        engine: &'a Engine,
+        adapter: Option<&'a crate::adapter::AdapterWeights>,
+    ) -> EngineLm<'a> {
+        EngineLm {
+            engine,
+            cache: EngineCache::new(),
+            adapter,
         }
     }
 }
 
 impl CausalLm for EngineLm<'_> {
     fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
-        self.engine.forward(tokens, &mut self.cache, Logits::Last)
+        match self.adapter {
+            Some(a) => self
+                .engine
+                .forward_with(tokens, &mut self.cache, Logits::Last, Some(a)),
+            None => self.engine.forward(tokens, &mut self.cache, Logits::Last),
+        }
     }
 
     fn position(&self) -> usize {
@@ -137,6 +158,9 @@ pub struct SamplingParams {
     pub stop_strings: Vec<String>,
     /// Generation stops at any of these tokens (added to the tokenizer's end-of-turn tokens).
     pub stop_tokens: Vec<u32>,
+    /// Also return, for each generated token, this many most likely tokens and their
+    /// log-probabilities (0: none).
+    pub top_logprobs: usize,
 }
 
 impl Default for SamplingParams {
@@ -151,6 +175,7 @@ impl Default for SamplingParams {
             max_tokens: 256,
             stop_strings: Vec::new(),
             stop_tokens: Vec::new(),
+            top_logprobs: 0,
         }
     }
 }
@@ -205,6 +230,9 @@ pub struct Generation {
     /// Natural log-probability of each generated token under the sampling distribution's source
     /// (the model's softmax before penalties and temperature).
     pub logprobs: Vec<f32>,
+    /// For each generated token, the [`SamplingParams::top_logprobs`] most likely tokens of the
+    /// same distribution, most likely first.
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
 }
 
 /// What can go wrong generating.
@@ -263,6 +291,7 @@ pub fn generate(
         prompt_tokens: prompt.len(),
         finish: FinishReason::Length,
         logprobs: Vec::new(),
+        top_logprobs: Vec::new(),
     };
     // Text decoded but not yet handed to the callback (it may be the start of a stop string).
     let mut pending = String::new();
@@ -274,6 +303,10 @@ pub fn generate(
         .max()
         .unwrap_or(0);
     while out.tokens.len() < params.max_tokens {
+        if params.top_logprobs > 0 {
+            out.top_logprobs
+                .push(top_logprobs(&logits, params.top_logprobs));
+        }
         let (token, logprob) = sample(&mut logits, &context, params, &mut rng);
         out.tokens.push(token);
         out.logprobs.push(logprob);
@@ -335,6 +368,31 @@ pub fn generate(
         out.text.push_str(&pending);
     }
     Ok(out)
+}
+
+/// The `n` most likely tokens of `logits` with their log-probabilities, most likely first (ties
+/// by token id).
+fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = logits
+        .iter()
+        .map(|l| ((l - max) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32
+        + max;
+    let mut best: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as u32, l - lse))
+        .collect();
+    let n = n.min(best.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    best.select_nth_unstable_by(n - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    best.truncate(n);
+    best.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    best
 }
 
 /// Picks the next token from `logits` (modified in place) and returns it with its log-probability

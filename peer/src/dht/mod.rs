@@ -183,6 +183,7 @@ pub enum DhtError {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ProviderLookup {
     /// Providers found (this peer and dropped providers excluded).
+    #[serde(serialize_with = "peer_ids_hex")]
     pub providers: Vec<PeerId>,
     /// Milliseconds until the first provider was known (None: none found).
     pub first_ms: Option<f64>,
@@ -192,6 +193,10 @@ pub struct ProviderLookup {
     pub total_ms: f64,
     /// Kademlia requests sent in the whole lookup.
     pub messages: u32,
+}
+
+fn peer_ids_hex<S: serde::Serializer>(ids: &[PeerId], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(ids.iter().map(|p| p.to_string()))
 }
 
 /// The answer to an address lookup.
@@ -975,13 +980,11 @@ impl DhtActor {
                     step,
                 } => self.on_query(id, result, stats, step.last),
                 kad::Event::InboundRequest { request } => self.on_inbound(request),
-                kad::Event::RoutingUpdated { .. } => {
-                    // The first peer: publish what was queued while alone.
-                    if !self.had_peers {
-                        self.had_peers = true;
-                        self.put_own_addr();
-                        self.reprovide_all();
-                    }
+                // The first peer: publish what was queued while alone.
+                kad::Event::RoutingUpdated { .. } if !self.had_peers => {
+                    self.had_peers = true;
+                    self.put_own_addr();
+                    self.reprovide_all();
                 }
                 _ => {}
             },
@@ -989,12 +992,10 @@ impl DhtActor {
                 peer_id,
                 info,
                 ..
-            })) => {
-                if info.protocols.contains(&KAD_PROTOCOL) {
-                    for addr in info.listen_addrs.into_iter().take(16) {
-                        if self.allowed(&addr) {
-                            self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                        }
+            })) if info.protocols.contains(&KAD_PROTOCOL) => {
+                for addr in info.listen_addrs.into_iter().take(16) {
+                    if self.allowed(&addr) {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
                 }
             }

@@ -12,6 +12,7 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::module::linear;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
+use super::packed::PackedWeight;
 use super::weights::{Proj, RawMatrix};
 use super::{LoadError, Weights};
 use crate::gguf::GgufFile;
@@ -20,8 +21,70 @@ use crate::gguf::GgufFile;
 /// (`y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, PEFT's `lora.Linear`; see [`crate::lora`]).
 #[derive(Module, Debug)]
 pub struct Projection {
-    weight: Param<Tensor<2>>,
+    weight: Frozen,
     lora: Option<Adapter>,
+}
+
+/// A frozen weight matrix: f32 on the device (LoRA), or quantized blocks in host memory that
+/// each product dequantizes on the fly (QLoRA; see [`super::packed`]).
+#[derive(Module, Debug)]
+pub enum Frozen {
+    Dense(Param<Tensor<2>>),
+    Packed(PackedWeight),
+}
+
+impl Frozen {
+    /// `[rows, cols]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            Frozen::Dense(w) => w.val().dims(),
+            Frozen::Packed(p) => [p.rows(), p.cols()],
+        }
+    }
+
+    /// `x·Wᵀ` (as one matrix product over every leading position).
+    pub fn linear<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        match self {
+            Frozen::Dense(w) => {
+                let dims = x.dims();
+                let n = dims[..D - 1].iter().product::<usize>();
+                let y = x.reshape([n, dims[D - 1]]).matmul(w.val().transpose());
+                let mut out = dims;
+                out[D - 1] = y.dims()[1];
+                y.reshape(out)
+            }
+            Frozen::Packed(p) => p.linear(x),
+        }
+    }
+
+    /// The weight in f32 on `device` (a copy when packed).
+    pub fn to_dense(&self, device: &Device) -> Tensor<2> {
+        match self {
+            Frozen::Dense(w) => w.val(),
+            Frozen::Packed(p) => Tensor::<2>::from_data(
+                TensorData::new(p.to_f32(), [p.rows(), p.cols()]),
+                (device, DType::F32),
+            ),
+        }
+    }
+
+    /// Bytes of host or device memory the weight holds.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Frozen::Dense(w) => w.val().dims().iter().product::<usize>() * 4,
+            Frozen::Packed(p) => p.bytes(),
+        }
+    }
+}
+
+/// How [`Llama::load`] keeps the frozen weight matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BaseWeights {
+    /// Dequantized to f32 on the device (LoRA).
+    #[default]
+    F32,
+    /// In their quantized blocks, dequantized one product at a time (QLoRA).
+    Packed,
 }
 
 /// The LoRA factors of one projection: `A` `[rank, in]`, `B` `[out, rank]`, and the scaling.
@@ -33,41 +96,50 @@ pub struct Adapter {
 }
 
 impl Projection {
-    fn new(weight: Tensor<2>) -> Projection {
-        Projection {
-            weight: frozen(weight),
-            lora: None,
-        }
+    fn new(weight: Frozen) -> Projection {
+        Projection { weight, lora: None }
     }
 
     /// `x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let base = linear(x.clone(), self.weight.val().transpose(), None);
-        match &self.lora {
-            None => base,
-            Some(l) => {
-                let down = linear(x, l.a.val().transpose(), None).mul_scalar(l.scaling);
-                base + linear(down, l.b.val().transpose(), None)
-            }
-        }
+        self.forward_train(x, None)
     }
 
     /// [`forward`](Self::forward) with LoRA dropout on the adapter's input (training only):
     /// `x·Wᵀ + s·((x ⊙ mask)·Aᵀ)·Bᵀ`, PEFT's `lora_dropout`.
-    pub fn forward_train(&self, x: Tensor<3>, drop: Option<&mut LoraDropout>) -> Tensor<3> {
-        match (&self.lora, drop) {
-            (Some(l), Some(d)) if d.p > 0.0 => {
-                let base = linear(x.clone(), self.weight.val().transpose(), None);
-                let mask = d.mask(x.dims(), &x.device());
-                let down = linear(x * mask, l.a.val().transpose(), None).mul_scalar(l.scaling);
+    ///
+    /// The products run on `x` flattened to `[tokens, in]`: one large matrix product packs `W`
+    /// once, where a batched `[batch, seq, in]` product packed it once per sequence.
+    pub fn forward_train<const D: usize>(
+        &self,
+        x: Tensor<D>,
+        drop: Option<&mut LoraDropout>,
+    ) -> Tensor<D> {
+        let dims = x.dims();
+        let n = dims[..D - 1].iter().product::<usize>();
+        let x = x.reshape([n, dims[D - 1]]);
+        let base = self.weight.linear(x.clone());
+        let y = match (&self.lora, drop) {
+            (None, _) => base,
+            (Some(l), drop) => {
+                let x = match drop {
+                    Some(d) if d.p > 0.0 => {
+                        let mask = d.mask([1, n, dims[D - 1]], &x.device());
+                        x * mask.reshape([n, dims[D - 1]])
+                    }
+                    _ => x,
+                };
+                let down = linear(x, l.a.val().transpose(), None).mul_scalar(l.scaling);
                 base + linear(down, l.b.val().transpose(), None)
             }
-            _ => self.forward(x),
-        }
+        };
+        let mut out = dims;
+        out[D - 1] = y.dims()[1];
+        y.reshape(out)
     }
 
-    /// The weight, `[out_features, in_features]`.
-    pub fn weight(&self) -> &Param<Tensor<2>> {
+    /// The frozen weight, `[out_features, in_features]`.
+    pub fn weight(&self) -> &Frozen {
         &self.weight
     }
 
@@ -165,7 +237,7 @@ impl Block {
 /// The Llama model; build it with [`Llama::from_gguf`].
 #[derive(Module, Debug)]
 pub struct Llama {
-    embed: Param<Tensor<2>>,
+    embed: Frozen,
     layers: Vec<Block>,
     norm: Param<Tensor<1>>,
     lm_head: Option<Projection>,
@@ -215,13 +287,21 @@ impl Llama {
 
     /// Loads a model from a GGUF file or a Hugging Face checkpoint onto `device` (f32 weights).
     pub fn from_weights(w: &Weights<'_>, device: &Device) -> Result<Llama, LoadError> {
+        Llama::load(w, device, BaseWeights::F32)
+    }
+
+    /// Loads a model, its weight matrices kept as `base` says (norms are always f32).
+    pub fn load(w: &Weights<'_>, device: &Device, base: BaseWeights) -> Result<Llama, LoadError> {
         let c = w.config().clone();
-        let tensor = |m: RawMatrix| {
-            let (rows, cols) = (m.rows, m.cols);
-            Tensor::<2>::from_data(
-                TensorData::new(m.to_f32(), [rows, cols]),
-                (device, DType::F32),
-            )
+        let tensor = |m: RawMatrix| match base {
+            BaseWeights::F32 => {
+                let (rows, cols) = (m.rows, m.cols);
+                Frozen::Dense(frozen(Tensor::<2>::from_data(
+                    TensorData::new(m.to_f32(), [rows, cols]),
+                    (device, DType::F32),
+                )))
+            }
+            BaseWeights::Packed => Frozen::Packed(PackedWeight::new(m)),
         };
         let vector = |values: Vec<f32>| {
             let len = values.len();
@@ -248,7 +328,7 @@ impl Llama {
         let norm = frozen(vector(w.final_norm()?));
         let lm_head = w.output()?.map(|m| Projection::new(tensor(m)));
         Ok(Llama {
-            embed: frozen(embed),
+            embed,
             layers,
             norm,
             lm_head,
@@ -273,7 +353,17 @@ impl Llama {
 
     /// The device the weights live on.
     pub fn device(&self) -> Device {
-        self.embed.val().device()
+        self.norm.val().device()
+    }
+
+    /// Bytes held by the frozen weight matrices (f32 or packed).
+    pub fn base_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .flat_map(|b| Proj::ALL.map(|p| b.projection(p).weight.bytes()))
+            .sum();
+        layers + self.embed.bytes() + self.lm_head.as_ref().map_or(0, |p| p.weight.bytes())
     }
 
     /// The context length.
@@ -300,10 +390,10 @@ impl Llama {
     ) -> Result<Tensor<3>, ContextLengthError> {
         let hidden = self.hidden_train(tokens, cache, drop)?;
         let head = match &self.lm_head {
-            Some(p) => p.weight.val(),
-            None => self.embed.val(),
+            Some(p) => &p.weight,
+            None => &self.embed,
         };
-        Ok(linear(hidden, head.transpose(), None))
+        Ok(head.linear(hidden))
     }
 
     /// The final normalised hidden states `[batch, seq, hidden]` (before the output projection).
@@ -330,12 +420,14 @@ impl Llama {
                 max: self.max_seq_len,
             });
         }
-        let embed = self.embed.val();
-        let hidden_size = embed.dims()[1];
-        let mut x =
-            embed
+        let hidden_size = self.embed.dims()[1];
+        let mut x = match &self.embed {
+            Frozen::Dense(embed) => embed
+                .val()
                 .select(0, tokens.reshape([batch * seq]))
-                .reshape([batch, seq, hidden_size]);
+                .reshape([batch, seq, hidden_size]),
+            Frozen::Packed(p) => p.embed(tokens, &device),
+        };
         let (cos, sin) = self.rope_tables(past, seq, &device);
         let mask = causal_mask(past, seq, &device);
         if let Some(c) = cache.as_deref_mut()
