@@ -29,9 +29,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cohort_trainer::adapter::AdapterWeights;
-use cohort_trainer::engine::Engine;
+use cohort_trainer::engine::{Engine, EngineCache, EngineError, Logits};
 use cohort_trainer::generate::{
-    EngineLm, FinishReason, GenerateError, Generation, SamplingParams, generate,
+    CausalLm, FinishReason, GenerateError, Generation, SamplingParams, generate,
 };
 use cohort_trainer::gguf::GgufFile;
 use cohort_trainer::models;
@@ -80,6 +80,136 @@ struct Base {
     tokenizer: Tokenizer,
     template: ChatTemplate,
     created: u64,
+    /// Recent prompts' keys and values, to skip a prefix a new prompt shares with one of them.
+    prefixes: Mutex<Vec<PrefixEntry>>,
+    prefix_clock: AtomicU64,
+}
+
+/// A prompt seen recently, with its keys and values under one adapter.
+#[derive(Debug)]
+struct PrefixEntry {
+    /// The adapter's cache key ("" for the bare base): keys and values depend on it.
+    adapter: String,
+    tokens: Vec<u32>,
+    cache: EngineCache,
+    last_used: u64,
+}
+
+/// Bytes of keys and values the prefix cache of one base may hold.
+const PREFIX_CACHE_BYTES: usize = 64 << 20;
+/// Shorter shared prefixes are recomputed (not worth a copy).
+const MIN_PREFIX: usize = 8;
+
+impl Base {
+    fn kv_dim(&self) -> usize {
+        let c = self.engine.config();
+        c.num_kv_heads * c.head_dim
+    }
+
+    /// The longest cached prefix of `tokens` under `adapter`, leaving at least one token to run:
+    /// a copy of its keys and values, and its length.
+    fn take_prefix(&self, adapter: &str, tokens: &[u32]) -> Option<(EngineCache, usize)> {
+        let mut entries = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+        let limit = tokens.len().saturating_sub(1);
+        let (best, len) = entries
+            .iter_mut()
+            .filter(|e| e.adapter == adapter)
+            .map(|e| {
+                let common = e
+                    .tokens
+                    .iter()
+                    .zip(tokens)
+                    .take_while(|(a, b)| a == b)
+                    .count()
+                    .min(limit);
+                (e, common)
+            })
+            .max_by_key(|(_, common)| *common)?;
+        if len < MIN_PREFIX {
+            return None;
+        }
+        best.last_used = self.prefix_clock.fetch_add(1, Ordering::Relaxed);
+        let mut cache = best.cache.clone();
+        cache.truncate(len, self.kv_dim());
+        Some((cache, len))
+    }
+
+    /// Remembers a prompt's keys and values, dropping the least recently used beyond the budget.
+    fn store_prefix(&self, adapter: &str, tokens: &[u32], cache: &EngineCache) {
+        if tokens.len() < MIN_PREFIX || cache.bytes() > PREFIX_CACHE_BYTES / 4 {
+            return;
+        }
+        let mut entries = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+        if entries
+            .iter()
+            .any(|e| e.adapter == adapter && e.tokens == tokens)
+        {
+            return;
+        }
+        entries.push(PrefixEntry {
+            adapter: adapter.to_string(),
+            tokens: tokens.to_vec(),
+            cache: cache.clone(),
+            last_used: self.prefix_clock.fetch_add(1, Ordering::Relaxed),
+        });
+        while entries.iter().map(|e| e.cache.bytes()).sum::<usize>() > PREFIX_CACHE_BYTES {
+            let Some(oldest) = entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(i, _)| i)
+            else {
+                break;
+            };
+            entries.remove(oldest);
+        }
+    }
+}
+
+/// The engine with an adapter for one generation, starting from a cached prefix of the prompt
+/// when one is there (the chat template's system turn, a conversation's earlier turns).
+struct PrefixLm<'a> {
+    base: &'a Base,
+    adapter: Option<&'a AdapterWeights>,
+    adapter_key: &'a str,
+    cache: EngineCache,
+    /// Prefix tokens reused by this generation (for the metrics).
+    reused: usize,
+}
+
+impl CausalLm for PrefixLm<'_> {
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let prompt = self.cache.is_empty();
+        let mut skip = 0;
+        if prompt && let Some((cache, n)) = self.base.take_prefix(self.adapter_key, tokens) {
+            self.cache = cache;
+            skip = n;
+            self.reused = n;
+        }
+        let logits = self.base.engine.forward_with(
+            &tokens[skip..],
+            &mut self.cache,
+            Logits::Last,
+            self.adapter,
+        )?;
+        if prompt {
+            self.base
+                .store_prefix(self.adapter_key, tokens, &self.cache);
+        }
+        Ok(logits)
+    }
+
+    fn position(&self) -> usize {
+        self.cache.len()
+    }
+
+    fn context_len(&self) -> usize {
+        self.base.engine.config().max_seq_len
+    }
+
+    fn reset(&mut self) {
+        self.cache = EngineCache::new();
+    }
 }
 
 #[derive(Debug)]
@@ -255,6 +385,8 @@ impl OpenAi {
                 id: id.clone(),
                 hash: hash.clone(),
                 created: now_secs(),
+                prefixes: Mutex::new(Vec::new()),
+                prefix_clock: AtomicU64::new(0),
             })
         };
         let base = Arc::new(
@@ -265,7 +397,11 @@ impl OpenAi {
     }
 
     /// `BASE` or `BASE:ADAPTER`: the base and the adapter to apply.
-    fn resolve(&self, model: &str) -> Result<(Arc<Base>, Option<Arc<AdapterWeights>>), ApiError> {
+    #[allow(clippy::type_complexity)]
+    fn resolve(
+        &self,
+        model: &str,
+    ) -> Result<(Arc<Base>, Option<(String, Arc<AdapterWeights>)>), ApiError> {
         let Some((base, adapter)) = model.split_once(':') else {
             return Ok((self.base(model)?, None));
         };
@@ -279,7 +415,7 @@ impl OpenAi {
         base: &Base,
         model: &str,
         dir: &Path,
-    ) -> Result<Arc<AdapterWeights>, ApiError> {
+    ) -> Result<(String, Arc<AdapterWeights>), ApiError> {
         let key = format!(
             "{}:{}",
             base.hash,
@@ -291,7 +427,7 @@ impl OpenAi {
         if let Some(c) = self.lock_adapters().get_mut(&key) {
             c.last_used = tick;
             self.metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(c.weights.clone());
+            return Ok((key, c.weights.clone()));
         }
         self.metrics.cache_misses.fetch_add(1, Ordering::Relaxed);
         if !dir.join("adapter_config.json").is_file() {
@@ -316,7 +452,7 @@ impl OpenAi {
         let weights = Arc::new(weights);
         let mut cache = self.lock_adapters();
         cache.insert(
-            key,
+            key.clone(),
             CachedAdapter {
                 weights: weights.clone(),
                 bytes,
@@ -337,7 +473,7 @@ impl OpenAi {
             cache.remove(&oldest);
             self.metrics.cache_evictions.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(weights)
+        Ok((key, weights))
     }
 
     fn check_key(&self, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -681,7 +817,8 @@ async fn completions(
 /// A prepared request: model, prompt tokens and parameters.
 struct Prepared {
     base: Arc<Base>,
-    adapter: Option<Arc<AdapterWeights>>,
+    /// The adapter with its cache key.
+    adapter: Option<(String, Arc<AdapterWeights>)>,
     prompt: Vec<u32>,
     common: Common,
     logprobs: bool,
@@ -857,16 +994,27 @@ async fn handle(
 /// Runs a generation on a blocking thread; `on_text` gets each final piece of text.
 fn run(
     p: &Prepared,
+    metrics: &Metrics,
     on_text: impl FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation, GenerateError> {
-    let mut lm = EngineLm::with_adapter(&p.base.engine, p.adapter.as_deref());
-    generate(
+    let mut lm = PrefixLm {
+        base: &p.base,
+        adapter: p.adapter.as_ref().map(|(_, a)| &**a),
+        adapter_key: p.adapter.as_ref().map_or("", |(k, _)| k.as_str()),
+        cache: EngineCache::new(),
+        reused: 0,
+    };
+    let out = generate(
         &mut lm,
         &p.base.tokenizer,
         &p.prompt,
         &p.common.params,
         on_text,
-    )
+    );
+    metrics
+        .prefix_tokens
+        .fetch_add(lm.reused as u64, Ordering::Relaxed);
+    out
 }
 
 fn finish_reason(f: FinishReason) -> &'static str {
@@ -936,7 +1084,7 @@ async fn whole_response(
     let s2 = s.clone();
     let job = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let out = run(&p, |_| {
+        let out = run(&p, &s2.metrics, |_| {
             if alive_tx.is_closed() {
                 ControlFlow::Break(())
             } else {
@@ -1039,7 +1187,7 @@ fn stream_response(
             let opening = json!([{ "index": 0, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null }]);
             let _ = tx.blocking_send(chunk(opening, include_usage.then_some(Value::Null)));
         }
-        let out = run(&p, |text| {
+        let out = run(&p, &s.metrics, |text| {
             first_token.get_or_insert_with(|| started.elapsed().as_secs_f64());
             let ev = chunk(piece(text, None), include_usage.then_some(Value::Null));
             match tx.blocking_send(ev) {
@@ -1129,6 +1277,8 @@ struct Metrics {
     requests: Mutex<HashMap<(&'static str, u16), u64>>,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    prefix_tokens: AtomicU64,
     /// route -> request latency.
     latency: Mutex<HashMap<&'static str, Histogram>>,
     first_token: Mutex<Histogram>,
@@ -1203,6 +1353,11 @@ async fn metrics(State(s): State<Arc<OpenAi>>) -> Response {
             "cohort_completion_tokens_total",
             "Tokens generated.",
             m.completion_tokens.load(Ordering::Relaxed),
+        ),
+        (
+            "cohort_prefix_cache_tokens_total",
+            "Prompt tokens taken from the prefix cache instead of computed.",
+            m.prefix_tokens.load(Ordering::Relaxed),
         ),
         (
             "cohort_cancelled_total",

@@ -303,6 +303,14 @@ fn every_route_streaming_and_not_and_every_error() {
         "{text}"
     );
     assert!(text.contains("cohort_completion_tokens_total"), "{text}");
+    // The same question asked again started from the cached keys and values of its prompt (and
+    // still gave the same answer, checked above).
+    let reused: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("cohort_prefix_cache_tokens_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(reused > 20, "{text}");
 }
 
 /// A PEFT adapter with random factors on three projections of every layer: enough to change
