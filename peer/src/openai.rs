@@ -1180,6 +1180,8 @@ fn stream_response(
         }
     };
     let include_usage = p.common.include_usage;
+    // Every `blocking_send` below whose result is dropped can only fail because the client has
+    // gone (the receiver is the response body): there is no one left to tell, so it is ignored.
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let mut first_token: Option<f64> = None;

@@ -370,16 +370,21 @@ pub fn generate(
     Ok(out)
 }
 
-/// The `n` most likely tokens of `logits` with their log-probabilities, most likely first (ties
-/// by token id).
-fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+/// `ln Σ exp(l)` over `logits`, shifted by their maximum and summed in f64.
+fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = logits
+    logits
         .iter()
         .map(|l| ((l - max) as f64).exp())
         .sum::<f64>()
         .ln() as f32
-        + max;
+        + max
+}
+
+/// The `n` most likely tokens of `logits` with their log-probabilities, most likely first (ties
+/// by token id).
+fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let lse = log_sum_exp(logits);
     let mut best: Vec<(u32, f32)> = logits
         .iter()
         .enumerate()
@@ -403,16 +408,7 @@ fn sample(
     p: &SamplingParams,
     rng: &mut SplitMix64,
 ) -> (u32, f32) {
-    let logprob_of = |logits: &[f32], t: usize| {
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let lse = logits
-            .iter()
-            .map(|l| ((l - max) as f64).exp())
-            .sum::<f64>()
-            .ln() as f32
-            + max;
-        logits[t] - lse
-    };
+    let logprob_of = |logits: &[f32], t: usize| logits[t] - log_sum_exp(logits);
     let raw: Vec<f32> = logits.to_vec();
     if p.repetition_penalty != 1.0 {
         let start = context.len().saturating_sub(p.repetition_window);
