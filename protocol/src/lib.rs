@@ -12,6 +12,7 @@
 //! - [`signed`]: [`Signed<T>`], a domain-separated, versioned, signed envelope.
 //! - [`types`]: every wire and ledger message.
 //! - [`ledger`]: chain verification and equivocation proofs.
+//! - [`rounds`]: the round's coordinator and worker state machines, without I/O.
 //! - [`rng`]: the portable seeded generator behind every draw peers must agree on.
 
 pub mod encoding;
@@ -19,6 +20,7 @@ pub mod hash;
 pub mod identity;
 pub mod ledger;
 pub mod rng;
+pub mod rounds;
 pub mod signed;
 pub mod types;
 

@@ -235,6 +235,9 @@ pub enum RejectReason {
     WrongShards,
     /// The worker signed two different commits for the round.
     Equivocation,
+    /// It passed its checks, but the round merged nothing (no quorum, or the job was
+    /// cancelled).
+    NotMerged,
 }
 
 /// The coordinator's verdict on one update.

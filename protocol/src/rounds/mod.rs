@@ -1,0 +1,233 @@
+//! The federated round, as two state machines without I/O.
+//!
+//! A job's owner runs one [`Coordinator`] per job; every volunteer runs one [`Worker`] per job
+//! it takes part in. Both are written in the style of iroh-gossip's `proto` module: the driver
+//! feeds them events together with the current time (`handle(now, event)`), and they answer
+//! with actions for the driver to carry out: messages to publish or send, training to run,
+//! updates to verify, merges to compute, wake-ups to schedule. They never read a clock, draw
+//! from the operating system's randomness, touch the network or the disk. The peer drives them
+//! with wall-clock time and real messages; the simulator drives the very same code with virtual
+//! time. Their state is plain data with a canonical encoding, so a driver persists it after
+//! each step and a restarted coordinator resumes where it stopped ([`Coordinator::restore`]).
+//!
+//! What the machines decide, and what they leave to the driver:
+//!
+//! - They check every signature, every message's own rules, who may send what and when
+//!   (assignment, deadlines, duplicates, equivocation), seeded shard assignment, which
+//!   segments to audit, the norm bound against the round's median, quorum, early stopping,
+//!   and the credit arithmetic of the ledger entry.
+//! - The driver does the heavy or I/O-bound work and reports back: training
+//!   ([`WorkerAction::Train`]), fetching and checking an update and re-running its audited
+//!   segments ([`CoordinatorAction::Verify`]), and merging plus evaluating the accepted updates
+//!   and their coalitions ([`CoordinatorAction::Merge`]).
+//!
+//! [`Coordinator`]: coordinator::Coordinator
+//! [`Coordinator::restore`]: coordinator::Coordinator::restore
+//! [`Worker`]: worker::Worker
+//! [`WorkerAction::Train`]: worker::WorkerAction::Train
+//! [`CoordinatorAction::Verify`]: coordinator::CoordinatorAction::Verify
+//! [`CoordinatorAction::Merge`]: coordinator::CoordinatorAction::Merge
+
+pub mod coordinator;
+pub mod worker;
+
+#[cfg(test)]
+mod machine_tests;
+
+use bincode::{Decode, Encode};
+
+use crate::hash::{ContentHash, ContentHasher};
+use crate::identity::PeerId;
+use crate::rng::SplitMix64;
+use crate::types::{DatanetId, JobId, Timestamp, WorkAssignment};
+
+/// One shard a job trains on, as the coordinator resolved it from the job's manifests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct PlannedShard {
+    /// The shard's blob hash.
+    pub hash: ContentHash,
+    /// The datanet it comes from.
+    pub datanet: DatanetId,
+    /// Who contributed it; credited in the ledger.
+    pub contributor: PeerId,
+    /// Its tokens under the default tokenizer.
+    pub tokens: u64,
+    /// Its near-duplicate group: shards with the same group number are one source for credit
+    /// (see [`crate::attribution`]); a shard alone in its group is simply itself.
+    pub group: u32,
+}
+
+/// The seed of round `round` of a job whose base seed is `job_seed`.
+///
+/// Every seeded choice of the round (assignment, each worker's data order) derives from it.
+pub fn round_seed(job: &JobId, job_seed: u64, round: u32) -> u64 {
+    let h = ContentHasher::new()
+        .update(b"cohort/round-seed/v1")
+        .update(job.0.as_bytes())
+        .update(&job_seed.to_le_bytes())
+        .update(&round.to_le_bytes())
+        .finalize();
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or([0; 8]))
+}
+
+/// Chooses at most `max_workers` of the enrolled `workers` and deals the round's shards to them.
+///
+/// Deterministic in `seed`: the workers are sorted, a seeded sample is kept when there are too
+/// many, the shards are sorted and shuffled, and shard `i` of the shuffle goes to kept worker
+/// `i mod k`, where `k` is the number of kept workers or the number of shards, whichever is
+/// smaller; so each update is trained on one shard or one small group of shards, which is what
+/// lets credit be given per shard. The result is sorted by worker, each worker's shards sorted,
+/// and each worker gets its own training seed.
+pub fn assign(
+    seed: u64,
+    workers: &[PeerId],
+    shards: &[ContentHash],
+    max_workers: usize,
+) -> Vec<WorkAssignment> {
+    let mut rng = SplitMix64::new(seed);
+    let mut workers: Vec<PeerId> = workers.to_vec();
+    workers.sort();
+    workers.dedup();
+    shuffle(&mut workers, &mut rng);
+    workers.truncate(max_workers.max(1));
+    workers.sort();
+    let mut shards: Vec<ContentHash> = shards.to_vec();
+    shards.sort();
+    shards.dedup();
+    shuffle(&mut shards, &mut rng);
+    let k = workers.len().min(shards.len());
+    let mut work: Vec<WorkAssignment> = workers[..k]
+        .iter()
+        .map(|w| WorkAssignment {
+            worker: *w,
+            shards: Vec::new(),
+            seed: rng.next_u64(),
+        })
+        .collect();
+    for (i, s) in shards.into_iter().enumerate() {
+        work[i % k].shards.push(s);
+    }
+    for w in &mut work {
+        w.shards.sort();
+    }
+    work
+}
+
+/// Fisher–Yates with the protocol's generator, so every peer shuffles identically.
+fn shuffle<T>(v: &mut [T], rng: &mut SplitMix64) {
+    for i in (1..v.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+}
+
+/// Which of an update's `segments` the coordinator re-executes.
+///
+/// Each segment is audited independently with probability `audit_ppm / 1e6`, drawn from a
+/// generator keyed by the coordinator's secret and the commit's hash: the choice is fixed once
+/// the commit is signed, and the worker cannot predict it before committing (it does not know
+/// the secret), so it cannot grind its commit to dodge the audit.
+pub fn audited_segments(
+    secret: &[u8; 32],
+    commit: &ContentHash,
+    segments: usize,
+    audit_ppm: u32,
+) -> Vec<u32> {
+    let h = ContentHasher::new()
+        .update(b"cohort/audit/v1")
+        .update(secret)
+        .update(commit.as_bytes())
+        .finalize();
+    let mut rng = SplitMix64::new(u64::from_le_bytes(
+        h.as_bytes()[..8].try_into().unwrap_or([0; 8]),
+    ));
+    (0..segments as u32)
+        .filter(|_| rng.next_u64() % 1_000_000 < u64::from(audit_ppm))
+        .collect()
+}
+
+/// The probability that auditing each segment with probability `p` catches a worker that
+/// faked `m` segments: `1 - (1 - p)^m`.
+pub fn detection_probability(p: f64, m: u32) -> f64 {
+    1.0 - (1.0 - p).powi(m as i32)
+}
+
+/// The smallest number of faked segments that audits at rate `p` catch with probability at
+/// least `target`; `None` when `p` is zero.
+pub fn segments_for_detection(p: f64, target: f64) -> Option<u32> {
+    if p <= 0.0 {
+        return None;
+    }
+    if p >= 1.0 {
+        return Some(1);
+    }
+    Some(((1.0 - target).ln() / (1.0 - p).ln()).ceil().max(1.0) as u32)
+}
+
+/// `at + ms`, saturating.
+pub(crate) fn after(at: Timestamp, ms: u64) -> Timestamp {
+    Timestamp(at.0.saturating_add(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peers(n: u8) -> Vec<PeerId> {
+        (0..n)
+            .map(|i| crate::identity::Keypair::from_seed(&[i + 1; 32]).peer_id())
+            .collect()
+    }
+
+    fn hashes(n: u32) -> Vec<ContentHash> {
+        (0..n).map(|i| ContentHash::of(&i.to_le_bytes())).collect()
+    }
+
+    #[test]
+    fn assignment_covers_every_shard_once_and_is_seeded() {
+        let w = peers(3);
+        let s = hashes(8);
+        let a = assign(7, &w, &s, 16);
+        assert_eq!(a.len(), 3);
+        let mut all: Vec<ContentHash> = a.iter().flat_map(|w| w.shards.clone()).collect();
+        all.sort();
+        let mut want = s.clone();
+        want.sort();
+        assert_eq!(all, want);
+        // Sizes differ by at most one.
+        let sizes: Vec<usize> = a.iter().map(|w| w.shards.len()).collect();
+        assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1);
+        // Same seed and same inputs in another order: same result; another seed: another deal.
+        let mut w2 = w.clone();
+        w2.reverse();
+        assert_eq!(assign(7, &w2, &s, 16), a);
+        assert_ne!(assign(8, &w, &s, 16), a);
+    }
+
+    #[test]
+    fn more_workers_than_shards_leaves_the_rest_idle_and_caps_apply() {
+        let a = assign(1, &peers(5), &hashes(2), 16);
+        assert_eq!(a.len(), 2);
+        assert!(a.iter().all(|w| w.shards.len() == 1));
+        let b = assign(1, &peers(5), &hashes(10), 3);
+        assert_eq!(b.len(), 3);
+        assert!(b.windows(2).all(|p| p[0].worker < p[1].worker));
+    }
+
+    #[test]
+    fn audit_rate_and_detection_formula() {
+        let secret = [9; 32];
+        let mut chosen = 0usize;
+        for i in 0..200u32 {
+            chosen += audited_segments(&secret, &ContentHash::of(&i.to_le_bytes()), 100, 50_000).len();
+        }
+        // 20,000 draws at p = 5%: mean 1,000, sd about 31.
+        assert!((880..1120).contains(&chosen), "{chosen}");
+        // DESIGN.md's figures: p = 5% catches 20 faked segments with 64%, 100 with 99.4%.
+        assert!((detection_probability(0.05, 20) - 0.6415).abs() < 1e-3);
+        assert!((detection_probability(0.05, 100) - 0.9941).abs() < 1e-3);
+        assert_eq!(segments_for_detection(0.05, 0.95), Some(59));
+        assert!(detection_probability(0.05, 59) >= 0.95);
+        assert!(detection_probability(0.05, 58) < 0.95);
+    }
+}
