@@ -584,8 +584,8 @@ impl Coordinator {
             }
             return out.push(refuse(from, Refusal::Equivocation));
         }
-        let late = self.phase != Phase::Training
-            || now > self.round.commit_until.max(self.grace_until);
+        let late =
+            self.phase != Phase::Training || now > self.round.commit_until.max(self.grace_until);
         let state = if late {
             out.push(refuse(from, Refusal::Late));
             SlotState::Rejected(RejectReason::Late)
@@ -675,8 +675,12 @@ impl Coordinator {
         }
     }
 
-
-    fn start_training(&mut self, now: Timestamp, keypair: &Keypair, out: &mut Vec<CoordinatorAction>) {
+    fn start_training(
+        &mut self,
+        now: Timestamp,
+        keypair: &Keypair,
+        out: &mut Vec<CoordinatorAction>,
+    ) {
         let workers: Vec<PeerId> = self.round.joins.keys().copied().collect();
         let shards: Vec<ContentHash> = self.shards.iter().map(|s| s.hash).collect();
         let work = assign(
@@ -719,11 +723,7 @@ impl Coordinator {
     }
 
     fn verify_action(&self, start: Option<ContentHash>, slot: &CommitSlot) -> CoordinatorAction {
-        let segments = slot
-            .commit
-            .verify()
-            .map(|c| c.segments.len())
-            .unwrap_or(0);
+        let segments = slot.commit.verify().map(|c| c.segments.len()).unwrap_or(0);
         CoordinatorAction::Verify {
             round: self.round.number,
             start,
@@ -737,7 +737,12 @@ impl Coordinator {
         }
     }
 
-    fn start_merging(&mut self, _now: Timestamp, _keypair: &Keypair, out: &mut Vec<CoordinatorAction>) {
+    fn start_merging(
+        &mut self,
+        _now: Timestamp,
+        _keypair: &Keypair,
+        out: &mut Vec<CoordinatorAction>,
+    ) {
         // The norm bound: an update whose delta is more than `norm_bound_ppm / 1e6` times the
         // median of the round's passed updates is refused. The median is robust to a minority
         // of oversized updates, which is what the bound is for.
@@ -1004,7 +1009,13 @@ pub(crate) fn split_exact(budget: i64, weights: &[f64]) -> Vec<i64> {
     }
     let exact: Vec<f64> = weights
         .iter()
-        .map(|w| if *w > 0.0 { budget as f64 * w / total } else { 0.0 })
+        .map(|w| {
+            if *w > 0.0 {
+                budget as f64 * w / total
+            } else {
+                0.0
+            }
+        })
         .collect();
     let mut parts: Vec<i64> = exact.iter().map(|x| x.floor() as i64).collect();
     let mut left = budget - parts.iter().sum::<i64>();

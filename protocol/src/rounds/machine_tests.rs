@@ -363,7 +363,10 @@ fn three_honest_workers_run_two_rounds() {
         assert!(compute.iter().all(|c| c.verified && c.tokens == 200));
     }
     // Round 1 starts from round 0's merged adapter.
-    assert_eq!(net.closes[1].0.merged_adapter, Some(ContentHash::of(&1u32.to_le_bytes())));
+    assert_eq!(
+        net.closes[1].0.merged_adapter,
+        Some(ContentHash::of(&1u32.to_le_bytes()))
+    );
     assert_eq!(net.workers_finished, 3);
     assert_eq!(net.verdicts.len(), 6);
     assert!(net.refused.is_empty(), "{:?}", net.refused);
@@ -372,7 +375,10 @@ fn three_honest_workers_run_two_rounds() {
 
 #[test]
 fn a_vanished_worker_does_not_stop_the_round_at_quorum() {
-    let mut net = Net::new(spec(1, 2), &[Behaviour::Honest, Behaviour::Vanishes, Behaviour::Honest]);
+    let mut net = Net::new(
+        spec(1, 2),
+        &[Behaviour::Honest, Behaviour::Vanishes, Behaviour::Honest],
+    );
     net.run(u64::MAX);
     let (close, data, compute) = &net.closes[0];
     assert_eq!(close.outcome, RoundOutcome::Merged);
@@ -420,7 +426,11 @@ fn a_straggler_is_refused_as_late_and_recorded() {
 
     let mut net = Net::new(
         spec(1, 2),
-        &[Behaviour::Honest, Behaviour::Honest, Behaviour::Slow(12_000)],
+        &[
+            Behaviour::Honest,
+            Behaviour::Honest,
+            Behaviour::Slow(12_000),
+        ],
     );
     net.run(u64::MAX);
     // Training ended after the deadline: the worker does not even send it.
@@ -430,7 +440,10 @@ fn a_straggler_is_refused_as_late_and_recorded() {
 
 #[test]
 fn late_duplicate_equivocating_forged_and_unassigned_commits() {
-    let mut net = Net::new(spec(1, 2), &[Behaviour::Honest, Behaviour::Honest, Behaviour::Vanishes]);
+    let mut net = Net::new(
+        spec(1, 2),
+        &[Behaviour::Honest, Behaviour::Honest, Behaviour::Vanishes],
+    );
     // Run until training started (assignment at ~1 s).
     net.run(1_500);
     assert_eq!(net.coord.phase(), Phase::Training);
@@ -456,7 +469,10 @@ fn late_duplicate_equivocating_forged_and_unassigned_commits() {
     };
     // Worker 2's real shards, read from its phase once assigned.
     let WorkerPhase::Training { work, .. } = net.workers[2].1.phase().clone() else {
-        panic!("worker 2 should be training: {:?}", net.workers[2].1.phase());
+        panic!(
+            "worker 2 should be training: {:?}",
+            net.workers[2].1.phase()
+        );
     };
     let k2 = Keypair::from_seed(&[12; 32]);
     let first = make(&k2, b"one", work.shards.clone());
@@ -494,8 +510,16 @@ fn late_duplicate_equivocating_forged_and_unassigned_commits() {
     assert_eq!(net.verdict(0, 2), Some(Some(RejectReason::Equivocation)));
     // A commit after the round closed is refused as stale.
     let late = make(&k2, b"late", work.shards);
-    let a = net.coord.handle(net.now, CoordinatorEvent::Commit(late), &net.owner);
-    assert!(matches!(&a[..], [CoordinatorAction::Refused { why: Refusal::Stale, .. }]));
+    let a = net
+        .coord
+        .handle(net.now, CoordinatorEvent::Commit(late), &net.owner);
+    assert!(matches!(
+        &a[..],
+        [CoordinatorAction::Refused {
+            why: Refusal::Stale,
+            ..
+        }]
+    ));
 }
 
 #[test]
@@ -520,14 +544,16 @@ fn bad_and_oversized_updates_are_rejected_and_earn_nothing() {
         Some(Some(RejectReason::SpotCheckMismatch { end_step: 4 }))
     );
     for i in [1, 3, 4] {
-        let c = compute.iter().find(|c| c.peer == net.peer(i)).expect("recorded");
+        let c = compute
+            .iter()
+            .find(|c| c.peer == net.peer(i))
+            .expect("recorded");
         assert!(!c.verified);
     }
     // Only the two honest workers' shards are credited.
     let merged: usize = [0, 2].iter().map(|i| net.shards_of(net.peer(*i))).sum();
     assert_eq!(data.len(), merged);
 }
-
 
 #[test]
 fn enrolment_waits_for_enough_volunteers() {
@@ -541,7 +567,11 @@ fn enrolment_waits_for_enough_volunteers() {
     // A fourth volunteer arrives late and the round goes ahead.
     let owner_spec = Signed::sign(&net.owner, &spec(1, 4));
     let k = Keypair::from_seed(&[40; 32]);
-    net.workers.push((k, Worker::new(&owner_spec, spec(1, 4), capacity()), Behaviour::Honest));
+    net.workers.push((
+        k,
+        Worker::new(&owner_spec, spec(1, 4), capacity()),
+        Behaviour::Honest,
+    ));
     let open = net.coord.current_open().clone();
     net.at(0, Ev::Worker(3, WorkerEvent::Open(open)));
     // The coordinator's next tick after the join sees a full quorum at a passed deadline.
@@ -563,8 +593,7 @@ fn a_restarted_coordinator_finishes_the_job_identically() {
         let saved = net.coord.save();
         // The process dies: every coordinator event in flight is lost with it.
         net.queue.retain(|_, e| matches!(e, Ev::Worker(..)));
-        let (coord, actions) =
-            Coordinator::restore(&saved, &net.owner, net.now).expect("restore");
+        let (coord, actions) = Coordinator::restore(&saved, &net.owner, net.now).expect("restore");
         assert_eq!(
             (coord.round(), coord.phase(), coord.adapter()),
             (net.coord.round(), net.coord.phase(), net.coord.adapter()),
@@ -578,7 +607,11 @@ fn a_restarted_coordinator_finishes_the_job_identically() {
         for (a, b) in net.closes.iter().zip(&reference.closes) {
             assert_eq!(a.0.outcome, b.0.outcome);
             assert_eq!(a.0.verdicts.len(), b.0.verdicts.len(), "stop at {stop}");
-            assert!(a.0.verdicts.iter().all(|v| v.rejected.is_none()), "stop at {stop}: {:?}", a.0.verdicts);
+            assert!(
+                a.0.verdicts.iter().all(|v| v.rejected.is_none()),
+                "stop at {stop}: {:?}",
+                a.0.verdicts
+            );
             assert_eq!(data_total(&a.1), data_total(&b.1));
         }
     }
@@ -645,13 +678,19 @@ fn joins_are_checked() {
         join(job, 0),
         join(job, 0),
     ] {
-        for a in net.coord.handle(Timestamp(1), CoordinatorEvent::Join(m), &net.owner) {
+        for a in net
+            .coord
+            .handle(Timestamp(1), CoordinatorEvent::Join(m), &net.owner)
+        {
             if let CoordinatorAction::Refused { why: w, .. } = a {
                 why.push(w);
             }
         }
     }
-    assert_eq!(why, vec![Refusal::WrongJob, Refusal::Stale, Refusal::Duplicate]);
+    assert_eq!(
+        why,
+        vec![Refusal::WrongJob, Refusal::Stale, Refusal::Duplicate]
+    );
     assert_eq!(net.coord.enrolled(), vec![k.peer_id()]);
     net.run(0);
 }
@@ -678,7 +717,13 @@ fn workers_refuse_messages_not_signed_by_the_owner() {
         )
     };
     let a = w.handle(Timestamp(0), WorkerEvent::Open(open(&intruder)), &me);
-    assert!(matches!(&a[..], [WorkerAction::Refused { why: Refusal::Forged, .. }]));
+    assert!(matches!(
+        &a[..],
+        [WorkerAction::Refused {
+            why: Refusal::Forged,
+            ..
+        }]
+    ));
     assert_eq!(w.round(), None);
     let a = w.handle(Timestamp(0), WorkerEvent::Open(open(&owner)), &me);
     assert!(matches!(&a[..], [WorkerAction::SendJoin(_)]));
@@ -703,7 +748,12 @@ fn shard_credits_pool_duplicates_zero_the_harmful_and_sum_exactly() {
     let values = [0.30, 0.31, 0.001, -0.2];
     let gain = 0.411;
     let credits = shard_credits(&shards, &values, gain);
-    let by = |i: u8| credits.iter().find(|c| c.shard == ContentHash::of(&[i])).unwrap();
+    let by = |i: u8| {
+        credits
+            .iter()
+            .find(|c| c.shard == ContentHash::of(&[i]))
+            .unwrap()
+    };
     assert_eq!(by(4).flag, CreditFlag::Harmful);
     assert_eq!(by(4).value, Credit(0));
     assert!(matches!(by(1).flag, CreditFlag::Duplicate { .. }));
@@ -715,7 +765,11 @@ fn shard_credits_pool_duplicates_zero_the_harmful_and_sum_exactly() {
     assert_eq!(total, 411_000_000);
     assert!(credits.windows(2).all(|w| w[0].shard < w[1].shard));
     // No gain, no data credit.
-    assert!(shard_credits(&shards, &values, -0.1).iter().all(|c| c.value.0 == 0));
+    assert!(
+        shard_credits(&shards, &values, -0.1)
+            .iter()
+            .all(|c| c.value.0 == 0)
+    );
 }
 
 #[test]

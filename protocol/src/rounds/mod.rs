@@ -219,7 +219,8 @@ mod tests {
         let secret = [9; 32];
         let mut chosen = 0usize;
         for i in 0..200u32 {
-            chosen += audited_segments(&secret, &ContentHash::of(&i.to_le_bytes()), 100, 50_000).len();
+            chosen +=
+                audited_segments(&secret, &ContentHash::of(&i.to_le_bytes()), 100, 50_000).len();
         }
         // 20,000 draws at p = 5%: mean 1,000, sd about 31.
         assert!((880..1120).contains(&chosen), "{chosen}");

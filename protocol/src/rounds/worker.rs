@@ -190,9 +190,7 @@ impl Worker {
             WorkerEvent::Assigned(m) => self.on_assigned(m, keypair, &mut out),
             WorkerEvent::Trained(t) => self.on_trained(now, t, keypair, &mut out),
             WorkerEvent::TrainingFailed { round } => {
-                if Some(round) == self.round
-                    && matches!(self.phase, WorkerPhase::Training { .. })
-                {
+                if Some(round) == self.round && matches!(self.phase, WorkerPhase::Training { .. }) {
                     self.phase = WorkerPhase::Missed;
                 }
             }
@@ -243,7 +241,10 @@ impl Worker {
         if open.round >= self.spec.rounds {
             return out.push(WorkerAction::Refused {
                 from: m.signer(),
-                why: Refusal::Invalid(format!("round {} of a {}-round job", open.round, self.spec.rounds)),
+                why: Refusal::Invalid(format!(
+                    "round {} of a {}-round job",
+                    open.round, self.spec.rounds
+                )),
             });
         }
         if self.round.is_some_and(|r| open.round <= r) {
@@ -370,7 +371,10 @@ impl Worker {
             self.phase = WorkerPhase::Closed;
         }
         let over = close.round + 1 >= self.spec.rounds
-            || matches!(close.outcome, RoundOutcome::Cancelled | RoundOutcome::Stopped);
+            || matches!(
+                close.outcome,
+                RoundOutcome::Cancelled | RoundOutcome::Stopped
+            );
         if over && self.round.is_none_or(|r| close.round >= r) {
             self.phase = WorkerPhase::Finished;
             out.push(WorkerAction::Finished);
