@@ -14,7 +14,10 @@
 //! - [`ledger`]: chain verification and equivocation proofs.
 //! - [`rounds`]: the round's coordinator and worker state machines, without I/O.
 //! - [`rng`]: the portable seeded generator behind every draw peers must agree on.
+//! - [`attribution`]: a round's credit: near-duplicate grouping, Shapley values (exact or
+//!   GTG-Shapley), data and compute credit split exactly in integer units.
 
+pub mod attribution;
 pub mod encoding;
 pub mod hash;
 pub mod identity;
