@@ -23,9 +23,8 @@ use crate::hash::ContentHash;
 use crate::identity::{Keypair, PeerId};
 use crate::signed::Signed;
 use crate::types::{
-    Assignment, Capacity, ComputeCredit, Credit, CreditFlag, JobId, JobSpec, RejectReason,
-    RoundClose, RoundJoin, RoundOpen, RoundOutcome, ShardCredit, Timestamp, UpdateCommit,
-    UpdateVerdict,
+    Assignment, Capacity, ComputeCredit, JobId, JobSpec, RejectReason, RoundClose, RoundJoin,
+    RoundOpen, RoundOutcome, ShardCredit, Timestamp, UpdateCommit, UpdateVerdict,
 };
 
 /// Where the current round stands.
@@ -1000,92 +999,53 @@ fn refuse(from: PeerId, why: Refusal) -> CoordinatorAction {
     CoordinatorAction::Refused { from, why }
 }
 
-/// Credits an integer budget in proportion to non-negative weights, exactly: the parts sum to
-/// `budget` (largest remainder; ties go to the lower index).
-pub(crate) fn split_exact(budget: i64, weights: &[f64]) -> Vec<i64> {
-    let total: f64 = weights.iter().filter(|w| **w > 0.0).sum();
-    if budget <= 0 || total <= 0.0 {
-        return vec![0; weights.len()];
-    }
-    let exact: Vec<f64> = weights
-        .iter()
-        .map(|w| {
-            if *w > 0.0 {
-                budget as f64 * w / total
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let mut parts: Vec<i64> = exact.iter().map(|x| x.floor() as i64).collect();
-    let mut left = budget - parts.iter().sum::<i64>();
-    let mut order: Vec<usize> = (0..weights.len()).filter(|i| weights[*i] > 0.0).collect();
-    order.sort_by(|a, b| {
-        let fa = exact[*a] - exact[*a].floor();
-        let fb = exact[*b] - exact[*b].floor();
-        fb.total_cmp(&fa).then(a.cmp(b))
-    });
-    for i in order.iter().cycle() {
-        if left <= 0 {
-            break;
-        }
-        parts[*i] += 1;
-        left -= 1;
-    }
-    parts
-}
-
 /// Credit per shard for one merged round.
 ///
 /// `values[i]` is shard `shards[i]`'s share of the Shapley values, in nats. Shards of one
 /// near-duplicate group pool their values: the group is one source, and its credit is split
-/// equally among its shards (flagged [`CreditFlag::Duplicate`]), so copying a shard under more
-/// identities does not raise the source's total. A group whose value is negative beyond 1% of
-/// the round's gain is flagged [`CreditFlag::Harmful`] and earns nothing; any other group with
-/// a value at or below zero earns nothing unflagged. The round's data budget is its gain
-/// `max(0, loss_before - loss_after)` in [`Credit`] units; the positive groups split it in
-/// proportion to their values, exactly (the credits sum to the budget).
+/// equally among its shards (flagged [`crate::types::CreditFlag::Duplicate`]), so copying a shard under more
+/// identities does not raise the source's total. The round's data budget is its gain
+/// `max(0, loss_before - loss_after)` in [`crate::types::Credit`] units, split by
+/// [`crate::attribution::data_credits`]: harmful groups are flagged and earn nothing,
+/// near-zero ones earn nothing, and the positive ones split the budget exactly in proportion
+/// to their values. [`ShardCredit::value`] records what each shard earned.
 pub fn shard_credits(shards: &[PlannedShard], values: &[f64], gain: f64) -> Vec<ShardCredit> {
-    let mut groups: BTreeMap<u32, (f64, Vec<usize>)> = BTreeMap::new();
-    for (i, (s, v)) in shards.iter().zip(values).enumerate() {
-        let g = groups.entry(s.group).or_default();
-        g.0 += v;
-        g.1.push(i);
-    }
-    let budget = if gain > 0.0 {
-        (gain * Credit::UNITS_PER_NAT as f64).round() as i64
-    } else {
-        0
-    };
-    let weights: Vec<f64> = groups.values().map(|(v, _)| v.max(0.0)).collect();
-    let group_credit = split_exact(budget, &weights);
-    let harm = 0.01 * gain.abs();
-    let mut out = Vec::with_capacity(shards.len());
-    for ((value, members), credit) in groups.values().zip(group_credit) {
-        let harmful = *value < -harm;
-        let mut members = members.clone();
-        members.sort_by_key(|i| shards[*i].hash);
-        let each = split_exact(credit, &vec![1.0; members.len()]);
-        let flag = if harmful {
-            CreditFlag::Harmful
-        } else if members.len() > 1 {
-            CreditFlag::Duplicate {
-                group: shards[members[0]].hash,
-            }
-        } else {
-            CreditFlag::Normal
-        };
-        for (i, c) in members.iter().zip(each) {
-            let s = &shards[*i];
-            out.push(ShardCredit {
-                shard: s.hash,
-                datanet: s.datanet,
-                contributor: s.contributor,
-                value: Credit(if harmful { 0 } else { c }),
-                flag,
-            });
+    use crate::attribution::{CreditConfig, data_credits, nats_to_credit};
+    // Dense group numbers in order of first appearance, and each group's pooled value.
+    let mut dense: BTreeMap<u32, usize> = BTreeMap::new();
+    let mut groups = Vec::with_capacity(shards.len());
+    let mut group_values: Vec<f64> = Vec::new();
+    for (s, v) in shards.iter().zip(values) {
+        let next = dense.len();
+        let g = *dense.entry(s.group).or_insert(next);
+        if g == group_values.len() {
+            group_values.push(0.0);
         }
+        group_values[g] += v;
+        groups.push(g);
     }
+    let hashes: Vec<ContentHash> = shards.iter().map(|s| s.hash).collect();
+    let budget = nats_to_credit(gain.max(0.0));
+    let awards = data_credits(
+        budget,
+        &hashes,
+        &groups,
+        &group_values,
+        &CreditConfig::default(),
+    )
+    // Only non-finite values fail, and `on_merged` refuses those before this point.
+    .unwrap_or_default();
+    let mut out: Vec<ShardCredit> = shards
+        .iter()
+        .zip(awards)
+        .map(|(s, a)| ShardCredit {
+            shard: s.hash,
+            datanet: s.datanet,
+            contributor: s.contributor,
+            value: a.earned,
+            flag: a.flag,
+        })
+        .collect();
     out.sort_by_key(|c| c.shard);
     out
 }

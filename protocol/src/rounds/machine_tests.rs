@@ -771,22 +771,3 @@ fn shard_credits_pool_duplicates_zero_the_harmful_and_sum_exactly() {
             .all(|c| c.value.0 == 0)
     );
 }
-
-#[test]
-fn split_exact_sums_to_the_budget() {
-    for (budget, w) in [
-        (10i64, vec![1.0, 1.0, 1.0]),
-        (1_000_000_007, vec![0.3, 0.0, 2.5, 1e-12, 7.0]),
-        (1, vec![1.0, 1.0]),
-        (5, vec![-1.0, 0.0]),
-    ] {
-        let parts = split_exact(budget, &w);
-        let positive = w.iter().any(|x| *x > 0.0);
-        assert_eq!(parts.iter().sum::<i64>(), if positive { budget } else { 0 });
-        for (p, x) in parts.iter().zip(&w) {
-            if *x <= 0.0 {
-                assert_eq!(*p, 0);
-            }
-        }
-    }
-}

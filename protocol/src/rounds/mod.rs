@@ -164,6 +164,23 @@ pub fn segments_for_detection(p: f64, target: f64) -> Option<u32> {
     Some(((1.0 - target).ln() / (1.0 - p).ln()).ceil().max(1.0) as u32)
 }
 
+/// Whether a training record belongs to the job's held-out validation set.
+///
+/// The split is by record, seeded, and needs nothing but the record's bytes (its JSONL line,
+/// without the line ending and surrounding white space): a BLAKE3 hash of the seed and the
+/// record, read as a number below 10^6, is compared with `fraction_ppm`. So every peer takes
+/// the same records out of its shards without being sent the list, and the validation set the
+/// coordinator publishes can be checked record by record.
+pub fn is_validation(seed: u64, fraction_ppm: u32, record: &[u8]) -> bool {
+    let h = ContentHasher::new()
+        .update(b"cohort/validation-split/v1")
+        .update(&seed.to_le_bytes())
+        .update(record.trim_ascii())
+        .finalize();
+    let x = u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or([0; 8]));
+    x % 1_000_000 < u64::from(fraction_ppm)
+}
+
 /// `at + ms`, saturating.
 pub(crate) fn after(at: Timestamp, ms: u64) -> Timestamp {
     Timestamp(at.0.saturating_add(ms))
@@ -212,6 +229,33 @@ mod tests {
         let b = assign(1, &peers(5), &hashes(10), 3);
         assert_eq!(b.len(), 3);
         assert!(b.windows(2).all(|p| p[0].worker < p[1].worker));
+    }
+
+    #[test]
+    fn validation_split_is_seeded_by_record_and_near_its_fraction() {
+        let records: Vec<String> = (0..20_000)
+            .map(|i| format!("{{\"text\": \"r{i}\"}}"))
+            .collect();
+        let taken = records
+            .iter()
+            .filter(|r| is_validation(3, 100_000, r.as_bytes()))
+            .count();
+        // 20,000 draws at 10%: mean 2,000, sd about 42.
+        assert!((1_850..2_150).contains(&taken), "{taken}");
+        // White space around a line does not move it; another seed does.
+        let r = records[7].as_bytes();
+        let padded = format!("  {}\r\n", records[7]);
+        assert_eq!(
+            is_validation(3, 100_000, r),
+            is_validation(3, 100_000, padded.as_bytes())
+        );
+        let moved = records
+            .iter()
+            .filter(|r| {
+                is_validation(3, 100_000, r.as_bytes()) != is_validation(4, 100_000, r.as_bytes())
+            })
+            .count();
+        assert!(moved > 3_000, "{moved}");
     }
 
     #[test]

@@ -9,8 +9,15 @@
 use bincode::{Decode, Encode};
 
 use super::datanet::{DatanetId, Grant, Manifest, ShardSubmission, SubmissionDecision};
+use super::job::{JobId, JobSpec};
+use super::ledger::LedgerEntry;
+use super::round::{Assignment, RoundClose, RoundJoin, RoundOpen, UpdateCommit};
 use crate::hash::ContentHash;
+use crate::identity::PeerId;
 use crate::signed::Signed;
+
+/// Most ledger entries in one [`Response::Ledger`].
+pub const MAX_LEDGER_ENTRIES_PER_RESPONSE: u32 = 256;
 
 /// The ALPN of the request/response protocol.
 pub const ALPN: &[u8] = b"cohort/1";
@@ -58,6 +65,42 @@ pub enum RequestBody {
         /// The owner's signed decision.
         decision: Signed<SubmissionDecision>,
     },
+    /// A job's signed spec, from its owner.
+    GetJob {
+        /// The job.
+        job: JobId,
+    },
+    /// The current round of a job, from its coordinator: its open, its assignment once made,
+    /// and the last close.
+    GetRound {
+        /// The job.
+        job: JobId,
+    },
+    /// A volunteer asks to take part in the current round.
+    Join {
+        /// The signed join.
+        join: Signed<RoundJoin>,
+    },
+    /// A worker commits its update.
+    Commit {
+        /// The signed commit.
+        commit: Signed<UpdateCommit>,
+    },
+    /// Ledger entries of one coordinator's chain, from position `from` on (at most
+    /// [`MAX_LEDGER_ENTRIES_PER_RESPONSE`]).
+    GetLedger {
+        /// The chain's coordinator.
+        coordinator: PeerId,
+        /// The first position wanted.
+        from: u64,
+    },
+    /// Which blob holds a training-state snapshot, from the worker that committed to it.
+    GetSnapshot {
+        /// The state hash, as committed in a segment.
+        state: ContentHash,
+    },
+    /// The unfinished jobs this peer coordinates (anti-entropy for volunteers).
+    Jobs,
 }
 
 /// One datanet's latest version, as a peer knows it.
@@ -72,6 +115,8 @@ pub struct Head {
 }
 
 /// The answer to a request.
+// Built once and written out at once; boxing the large variants would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub enum Response {
     /// Answer to [`RequestBody::Heads`].
@@ -95,5 +140,34 @@ pub enum Response {
     Grants {
         /// Sorted by key epoch.
         grants: Vec<Signed<Grant>>,
+    },
+    /// Answers [`RequestBody::GetJob`].
+    Job {
+        /// The spec, if this peer holds it.
+        spec: Option<Signed<JobSpec>>,
+    },
+    /// Answers [`RequestBody::GetRound`].
+    Round {
+        /// The current round's open.
+        open: Option<Signed<RoundOpen>>,
+        /// Its assignment, once made.
+        assignment: Option<Signed<Assignment>>,
+        /// The last closed round's close.
+        last_close: Option<Signed<RoundClose>>,
+    },
+    /// Answers [`RequestBody::GetLedger`], in order of position.
+    Ledger {
+        /// The entries.
+        entries: Vec<Signed<LedgerEntry>>,
+    },
+    /// Answers [`RequestBody::GetSnapshot`].
+    Snapshot {
+        /// The blob, if this peer holds the snapshot.
+        blob: Option<ContentHash>,
+    },
+    /// Answers [`RequestBody::Jobs`].
+    Jobs {
+        /// The jobs.
+        jobs: Vec<JobId>,
     },
 }
