@@ -23,10 +23,11 @@
 //! - [`data`], [`adapter`], [`train`], [`merge`]: datasets with masked targets, LoRA adapters in
 //!   PEFT's format, the training loop with checkpoints, and exact adapter merging.
 //! - [`lora`]: the standalone LoRA linear layer and PEFT's seeded initialisation of `A`.
+//! - [`verify`]: training commitments for spot checks: the hash of the whole training state, a
+//!   commitment every K steps with a snapshot, and the replay of one segment.
 //! - [`models`], [`bench`](mod@bench): the local model cache, and the inference and training benchmarks.
 //!
-//! What later work adds here: the quantized (QLoRA) base, and the training commitments (state
-//! hashes every K steps) that round verification needs.
+//! What later work adds here: the quantized (QLoRA) base.
 
 pub mod adapter;
 pub mod bench;
@@ -41,3 +42,4 @@ pub mod models;
 pub mod perplexity;
 pub mod tokenizer;
 pub mod train;
+pub mod verify;

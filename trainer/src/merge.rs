@@ -18,6 +18,10 @@
 //!
 //! All arithmetic is f64 on row-major `Vec`s; the factors are small (`k·r` is at most a few
 //! hundred), the `d`- and `n`-sized products are the cost.
+//!
+//! Robust aggregation compares deltas, never raw factors (`B·A = (B R⁻¹)(R A)` for any invertible
+//! `r x r` `R`): [`delta_norm_sq`], [`delta_inner`] and [`delta_dist_sq`] work on `r x r` Gram
+//! matrices (`O((d + n)·r²)`, never a `d x n` matrix), and [`multi_krum_scores`] builds on them.
 
 /// A low-rank product `B·A`: `b` `[d, r]`, `a` `[r, n]`, both row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +84,14 @@ pub enum MergeError {
     BadWeights,
     #[error("FFA needs every update to share A; update {0} has another A")]
     DifferentA(usize),
+    /// Multi-Krum needs `m ≥ f + 3` updates to score with `m − f − 2` neighbours.
+    #[error("Multi-Krum with {f} faulty updates needs at least {} updates, got {m}", f + 3)]
+    TooFewForKrum {
+        /// Updates given.
+        m: usize,
+        /// Faulty updates tolerated.
+        f: usize,
+    },
 }
 
 fn check(parts: &[(f64, &LowRank)]) -> Result<(usize, usize), MergeError> {
@@ -219,6 +231,98 @@ pub fn naive(parts: &[(f64, &LowRank)]) -> Result<LowRank, MergeError> {
         a.iter_mut().zip(&p.a).for_each(|(x, y)| *x += w * y);
     }
     Ok(LowRank { d, n, r, b, a })
+}
+
+/// `⟨B₁A₁, B₂A₂⟩_F = tr(A₁ᵀB₁ᵀB₂A₂) = Σ_ij (B₁ᵀB₂)_ij (A₁A₂ᵀ)_ij`, from the `r₁ x r₂`
+/// cross-Gram matrices of the factors: `O((d + n)·r₁·r₂)`. The ranks may differ.
+pub fn delta_inner(x: &LowRank, y: &LowRank) -> Result<f64, MergeError> {
+    if (x.d, x.n) != (y.d, y.n) {
+        return Err(MergeError::Shape(format!(
+            "deltas [{}, {}] and [{}, {}]",
+            x.d, x.n, y.d, y.n
+        )));
+    }
+    Ok(inner(x, y))
+}
+
+/// [`delta_inner`] for factors of one shape.
+fn inner(x: &LowRank, y: &LowRank) -> f64 {
+    let (r1, r2) = (x.r, y.r);
+    // G_B = B₁ᵀB₂ [r1, r2]: rows of B are length r.
+    let mut gb = vec![0f64; r1 * r2];
+    for (row1, row2) in x.b.chunks_exact(r1.max(1)).zip(y.b.chunks_exact(r2.max(1))) {
+        for (i, u) in row1.iter().enumerate() {
+            for (j, v) in row2.iter().enumerate() {
+                gb[i * r2 + j] += u * v;
+            }
+        }
+    }
+    // G_A = A₁A₂ᵀ [r1, r2]: rows of A are length n.
+    let mut total = 0f64;
+    for (i, a1) in x.a.chunks_exact(x.n.max(1)).take(r1).enumerate() {
+        for (j, a2) in y.a.chunks_exact(y.n.max(1)).take(r2).enumerate() {
+            let ga: f64 = a1.iter().zip(a2).map(|(u, v)| u * v).sum();
+            total += gb[i * r2 + j] * ga;
+        }
+    }
+    total
+}
+
+/// Rounding can take a squared norm a hair below zero; NaN stays NaN (`f64::max` would hide it).
+fn non_negative(v: f64) -> f64 {
+    if v < 0.0 { 0.0 } else { v }
+}
+
+/// `‖B·A‖²_F = tr((BᵀB)(AAᵀ))`, from the two `r x r` Gram matrices (`O((d + n)·r²)`). The same
+/// for every factorisation of one delta: `(B R⁻¹, R A)` gives the same value.
+pub fn delta_norm_sq(x: &LowRank) -> f64 {
+    non_negative(inner(x, x))
+}
+
+/// `‖B₁A₁ − B₂A₂‖²_F = ‖B₁A₁‖² + ‖B₂A₂‖² − 2⟨B₁A₁, B₂A₂⟩`, from Gram and cross-Gram matrices
+/// ([`delta_inner`]); never forms a `d x n` matrix.
+///
+/// The expansion subtracts: for two nearly equal deltas the absolute error is about
+/// `1e-16·(‖B₁A₁‖² + ‖B₂A₂‖²)`, so a distance far below that is noise (the result is clamped at
+/// zero). Distances between independently trained updates are many orders above it. Non-finite
+/// factors give NaN (reject them before, as round validation does).
+pub fn delta_dist_sq(x: &LowRank, y: &LowRank) -> Result<f64, MergeError> {
+    let cross = delta_inner(x, y)?;
+    Ok(non_negative(
+        delta_norm_sq(x) + delta_norm_sq(y) - 2.0 * cross,
+    ))
+}
+
+/// Multi-Krum's scores (Blanchard et al., 2017) of `m` updates with up to `f` Byzantine ones:
+/// each update's score is the sum of its `m − f − 2` smallest squared distances
+/// ([`delta_dist_sq`]) to the other updates. Lower is more central; Multi-Krum keeps the updates
+/// with the lowest scores. Needs `m ≥ f + 3`; the pairwise distances cost `m(m−1)/2` cross-Grams.
+pub fn multi_krum_scores(updates: &[&LowRank], f: usize) -> Result<Vec<f64>, MergeError> {
+    let m = updates.len();
+    if m < f + 3 {
+        return Err(MergeError::TooFewForKrum { m, f });
+    }
+    let norms: Vec<f64> = updates.iter().map(|u| delta_norm_sq(u)).collect();
+    let mut dist = vec![0f64; m * m];
+    for i in 0..m {
+        for j in i + 1..m {
+            let cross = delta_inner(updates[i], updates[j])?;
+            let d = non_negative(norms[i] + norms[j] - 2.0 * cross);
+            dist[i * m + j] = d;
+            dist[j * m + i] = d;
+        }
+    }
+    let keep = m - f - 2;
+    Ok((0..m)
+        .map(|i| {
+            let mut row: Vec<f64> = (0..m)
+                .filter(|j| *j != i)
+                .map(|j| dist[i * m + j])
+                .collect();
+            row.sort_by(f64::total_cmp);
+            row[..keep].iter().sum()
+        })
+        .collect())
 }
 
 /// `[m, k]·[k, n]`, row-major.

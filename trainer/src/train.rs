@@ -8,14 +8,19 @@
 //! scheduled learning rate. The order of examples comes from SplitMix64 seeded by the
 //! configuration's seed, so the same seed, data and thread count give the same adapter bits on
 //! the CPU.
+//!
+//! [`crate::verify`] drives this same loop through crate-private hooks: start from a snapshot (the
+//! checkpoint layout), stop after a given step, and look at the model and optimizer between steps.
 
+use std::ops::ControlFlow;
 use std::time::Instant;
 
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use cohort_protocol::rng::SplitMix64;
 
+use crate::adapter::LoraSpec;
 use crate::data::{Batch, Example};
 use crate::model::weights::Proj;
 use crate::model::{Llama, LoraDropout};
@@ -226,53 +231,174 @@ pub fn train(
 /// position in the data are saved; with `ck.resume` a run continues from the saved checkpoint and
 /// ends with the same adapter bits as an uninterrupted run.
 pub fn train_with(
+    model: Llama,
+    examples: &[Example],
+    cfg: &TrainConfig,
+    pad: u32,
+    ck: Option<&Checkpointing>,
+    on_step: impl FnMut(&StepEvent),
+) -> Result<Llama, TrainError> {
+    run(model, examples, cfg, pad, ck, Hooks::none(), on_step)
+}
+
+/// What [`crate::verify`] adds to a run: where it starts and stops, and a look at the whole state
+/// at every step boundary.
+pub(crate) struct Hooks<'a> {
+    /// Start from this snapshot (a checkpoint directory) rather than from the beginning.
+    pub start: Option<&'a std::path::Path>,
+    /// Stop once this many optimizer steps are done.
+    pub stop_after: Option<usize>,
+    /// Called once before the first step (with no batch) and after every step; the run ends
+    /// (returning the model as it is) when it breaks.
+    pub boundary: Option<&'a mut BoundaryHook<'a>>,
+}
+
+impl Hooks<'_> {
+    fn none() -> Self {
+        Hooks {
+            start: None,
+            stop_after: None,
+            boundary: None,
+        }
+    }
+}
+
+/// What [`Hooks::boundary`] calls.
+pub(crate) type BoundaryHook<'a> = dyn FnMut(&Boundary<'_>) -> ControlFlow<()> + 'a;
+
+/// The whole training state between two optimizer steps, as the boundary hook sees it.
+pub(crate) struct Boundary<'a> {
+    pub model: &'a Llama,
+    pub optim: &'a ModuleOptimizer,
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Steps the run would take in all.
+    pub total: usize,
+    /// Indices into the caller's `examples` of the step just taken, in the order they were used
+    /// (empty before the first step).
+    pub batch: &'a [usize],
+    state: CheckpointState,
+}
+
+impl Boundary<'_> {
+    /// Saves this state in the checkpoint layout (adapter in PEFT format, `optimizer.bpk`,
+    /// `state.json`) into `dest`, replacing it atomically.
+    pub fn save(&self, dest: &std::path::Path, spec: &LoraSpec) -> Result<(), TrainError> {
+        write_checkpoint(dest, spec, self.model, self.optim, &self.state)
+    }
+}
+
+/// Loads a checkpoint directory into `model` and `optim`; returns the saved state.
+fn load_checkpoint(
+    path: &std::path::Path,
+    cfg: &TrainConfig,
+    usable: usize,
+    model: &mut Llama,
+    optim: ModuleOptimizer,
+) -> Result<(ModuleOptimizer, CheckpointState), TrainError> {
+    let bad = |problem: String| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let text = std::fs::read_to_string(path.join("state.json"))
+        .map_err(|e| bad(format!("state.json: {e}")))?;
+    let state: CheckpointState =
+        serde_json::from_str(&text).map_err(|e| bad(format!("state.json: {e}")))?;
+    if state.config != *cfg || state.examples != usable {
+        return Err(bad(
+            "it was made with other settings or other data; start a new run".into(),
+        ));
+    }
+    let weights =
+        crate::adapter::AdapterWeights::load_peft(path).map_err(|e| bad(e.to_string()))?;
+    weights.apply(model).map_err(|e| bad(e.to_string()))?;
+    let optim = optim
+        .load(path.join("optimizer"))
+        .map_err(|e| bad(format!("optimizer state: {e:?}")))?;
+    Ok((optim, state))
+}
+
+/// The AdamW optimizer every run uses.
+fn new_optimizer(cfg: &TrainConfig) -> ModuleOptimizer {
+    AdamWConfig::new()
+        .with_weight_decay(cfg.weight_decay)
+        .with_epsilon(1e-8)
+        .init()
+}
+
+/// Loads a checkpoint directory (the layout [`Boundary::save`] writes) into `model`; returns the
+/// optimizer with its saved state and the number of optimizer steps done.
+pub(crate) fn load_snapshot(
+    path: &std::path::Path,
+    cfg: &TrainConfig,
+    examples: &[Example],
+    model: &mut Llama,
+) -> Result<(ModuleOptimizer, usize), TrainError> {
+    let usable = examples.iter().filter(|e| e.target_count() > 0).count();
+    let (optim, state) = load_checkpoint(path, cfg, usable, model, new_optimizer(cfg))?;
+    Ok((optim, state.step))
+}
+
+/// The training loop behind [`train_with`] and [`crate::verify`].
+pub(crate) fn run(
     mut model: Llama,
     examples: &[Example],
     cfg: &TrainConfig,
     pad: u32,
     ck: Option<&Checkpointing>,
+    mut hooks: Hooks<'_>,
     mut on_step: impl FnMut(&StepEvent),
 ) -> Result<Llama, TrainError> {
     cfg.validate()?;
-    let usable: Vec<&Example> = examples.iter().filter(|e| e.target_count() > 0).collect();
+    // Positions in `examples` of the examples with something to learn.
+    let original: Vec<usize> = (0..examples.len())
+        .filter(|i| examples[*i].target_count() > 0)
+        .collect();
+    let usable: Vec<&Example> = original.iter().map(|i| &examples[*i]).collect();
     if usable.is_empty() {
         return Err(TrainError::NothingToLearn);
     }
     let device = model.device();
     let total = cfg.total_steps(usable.len());
-    let mut optim = AdamWConfig::new()
-        .with_weight_decay(cfg.weight_decay)
-        .with_epsilon(1e-8)
-        .init();
+    let mut optim = new_optimizer(cfg);
     let mut rng = SplitMix64::new(cfg.seed);
     let mut step = 0;
     let mut resume_at: Option<(usize, usize)> = None;
-    if let Some(ck) = ck.filter(|c| c.resume) {
-        let path = ck.dir.join("checkpoint");
-        if path.join("state.json").is_file() {
-            let bad = |problem: String| TrainError::Checkpoint {
-                path: path.clone(),
-                problem,
-            };
-            let text =
-                std::fs::read_to_string(path.join("state.json")).map_err(|e| bad(e.to_string()))?;
-            let state: CheckpointState =
-                serde_json::from_str(&text).map_err(|e| bad(format!("state.json: {e}")))?;
-            if state.config != *cfg || state.examples != usable.len() {
-                return Err(bad(
-                    "it was made with other settings or other data; start a new run".into(),
-                ));
-            }
-            let weights =
-                crate::adapter::AdapterWeights::load_peft(&path).map_err(|e| bad(e.to_string()))?;
-            weights.apply(&mut model).map_err(|e| bad(e.to_string()))?;
-            optim = optim
-                .load(path.join("optimizer"))
-                .map_err(|e| bad(format!("optimizer state: {e:?}")))?;
-            step = state.step;
-            resume_at = Some((state.epoch, state.group));
+    let start = match (hooks.start, ck.filter(|c| c.resume)) {
+        (Some(path), _) => Some(path.to_path_buf()),
+        (None, Some(ck)) => {
+            Some(ck.dir.join("checkpoint")).filter(|p| p.join("state.json").is_file())
         }
+        (None, None) => None,
+    };
+    let mut state = CheckpointState {
+        step: 0,
+        epoch: 0,
+        group: 0,
+        config: cfg.clone(),
+        examples: usable.len(),
+    };
+    if let Some(path) = start {
+        let (loaded, saved) = load_checkpoint(&path, cfg, usable.len(), &mut model, optim)?;
+        optim = loaded;
+        step = saved.step;
+        resume_at = Some((saved.epoch, saved.group));
+        state = saved;
     }
+    if let Some(hook) = hooks.boundary.as_mut()
+        && hook(&Boundary {
+            model: &model,
+            optim: &optim,
+            step,
+            total,
+            batch: &[],
+            state: state.clone(),
+        })
+        .is_break()
+    {
+        return Ok(model);
+    }
+    let stop = hooks.stop_after.map_or(total, |s| s.min(total));
     'epochs: for epoch in 0..cfg.epochs {
         let mut order: Vec<usize> = (0..usable.len()).collect();
         for i in (1..order.len()).rev() {
@@ -285,7 +411,7 @@ pub fn train_with(
             {
                 continue;
             }
-            if step >= total {
+            if step >= stop {
                 break 'epochs;
             }
             let started = Instant::now();
@@ -337,31 +463,53 @@ pub fn train_with(
                 target_tokens: targets,
                 tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64(),
             });
+            let state = CheckpointState {
+                step,
+                epoch,
+                group: gi + 1,
+                config: cfg.clone(),
+                examples: usable.len(),
+            };
+            if let Some(hook) = hooks.boundary.as_mut() {
+                let batch: Vec<usize> = group.iter().map(|i| original[*i]).collect();
+                if hook(&Boundary {
+                    model: &model,
+                    optim: &optim,
+                    step,
+                    total,
+                    batch: &batch,
+                    state: state.clone(),
+                })
+                .is_break()
+                {
+                    return Ok(model);
+                }
+            }
             if let Some(ck) = ck
                 && ck.every > 0
                 && step % ck.every == 0
             {
-                let state = CheckpointState {
-                    step,
-                    epoch,
-                    group: gi + 1,
-                    config: cfg.clone(),
-                    examples: usable.len(),
-                };
-                save_checkpoint(ck, &model, &optim, &state)?;
+                write_checkpoint(&ck.dir.join("checkpoint"), &ck.spec, &model, &optim, &state)?;
             }
         }
     }
     Ok(model)
 }
 
-fn save_checkpoint(
-    ck: &Checkpointing,
+/// Writes a checkpoint into `dest` (through `dest.partial`, so a crash leaves the old one whole).
+fn write_checkpoint(
+    dest: &std::path::Path,
+    spec: &LoraSpec,
     model: &Llama,
-    optim: &burn::optim::ModuleOptimizer,
+    optim: &ModuleOptimizer,
     state: &CheckpointState,
 ) -> Result<(), TrainError> {
-    let tmp = ck.dir.join("checkpoint.partial");
+    let sibling = |suffix: &str| {
+        let mut name = dest.file_name().unwrap_or_default().to_os_string();
+        name.push(suffix);
+        dest.with_file_name(name)
+    };
+    let tmp = sibling(".partial");
     let bad = |problem: String| TrainError::Checkpoint {
         path: tmp.clone(),
         problem,
@@ -369,7 +517,7 @@ fn save_checkpoint(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| bad(e.to_string()))?;
     }
-    crate::adapter::AdapterWeights::from_model(model, &ck.spec)
+    crate::adapter::AdapterWeights::from_model(model, spec)
         .save_peft(&tmp, "checkpoint")
         .map_err(|e| bad(e.to_string()))?;
     optim
@@ -377,13 +525,12 @@ fn save_checkpoint(
         .map_err(|e| bad(format!("optimizer state: {e:?}")))?;
     let text = serde_json::to_string_pretty(state).map_err(|e| bad(e.to_string()))?;
     std::fs::write(tmp.join("state.json"), text).map_err(|e| bad(e.to_string()))?;
-    let dest = ck.dir.join("checkpoint");
-    let old = ck.dir.join("checkpoint.old");
+    let old = sibling(".old");
     if dest.exists() {
         let _ = std::fs::remove_dir_all(&old);
-        std::fs::rename(&dest, &old).map_err(|e| bad(e.to_string()))?;
+        std::fs::rename(dest, &old).map_err(|e| bad(e.to_string()))?;
     }
-    std::fs::rename(&tmp, &dest).map_err(|e| bad(e.to_string()))?;
+    std::fs::rename(&tmp, dest).map_err(|e| bad(e.to_string()))?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
 }

@@ -1,0 +1,590 @@
+//! Training that can be checked by re-execution: state hashes, segment commitments and replay.
+//!
+//! A volunteer trains with [`train_segmented`]: every `K` optimizer steps (and at the last step)
+//! it commits to a [`Segment`]: the [`state_hash`] of the whole training state, and a Merkle root
+//! ([`merkle_root`] over [`batch_leaf`]s) of the example indices each step of the segment used.
+//! At every boundary, step 0 included, it also writes a snapshot of the state
+//! ([`snapshot_path`]: the checkpoint layout of [`crate::train`], i.e. the adapter in PEFT's
+//! format, the optimizer's burnpack record and `state.json`). An auditor picks a segment, gets
+//! the snapshot at the segment's start from the volunteer, checks it against the previous
+//! commitment ([`snapshot_hash`]), runs the segment's steps again ([`replay_segment`]) and
+//! compares the result with the committed [`Segment`] bit for bit.
+//!
+//! Bit-for-bit replay holds on one backend and kernel class with one thread count; the
+//! protocol's `KernelClass` records them. (On flex the thread count has not mattered so far:
+//! gemm splits a product's output, not its inner sum, and rayon's thread-dependent float sums only
+//! start at 4M elements; `tests/verify.rs` measures it.) The replay is [`crate::train`]'s own loop started from
+//! the snapshot (the path by which a checkpointed run resumes), not a second implementation.
+//!
+//! This module only reads the training state; it never changes how a run trains.
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use burn::optim::ModuleOptimizer;
+use burn::store::burn_pack::{Reader, Scalar};
+use burn::tensor::{DType, Tensor, TensorData};
+use cohort_protocol::ContentHash;
+use cohort_protocol::hash::ContentHasher;
+use cohort_protocol::types::round::SegmentCommit;
+
+use crate::adapter::LoraSpec;
+use crate::data::Example;
+use crate::model::Llama;
+use crate::model::weights::Proj;
+use crate::train::{Boundary, Hooks, StepEvent, TrainConfig, TrainError, load_snapshot, run};
+
+/// The first bytes hashed by [`state_hash`]: names the layout and its version.
+pub const STATE_DOMAIN: &[u8] = b"cohort/train-state/v1";
+
+/// A commitment to the training state at the end of a segment of optimizer steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Optimizer steps done at the end of the segment.
+    pub end_step: usize,
+    /// [`state_hash`] of the state after `end_step` steps.
+    pub state: ContentHash,
+    /// [`merkle_root`] of the [`batch_leaf`]s of the segment's steps, in order.
+    pub batches: ContentHash,
+}
+
+impl Segment {
+    /// The protocol's form of this commitment (`None` past `u32::MAX` steps).
+    pub fn to_commit(&self) -> Option<SegmentCommit> {
+        Some(SegmentCommit {
+            end_step: u32::try_from(self.end_step).ok()?,
+            state: self.state,
+            batches: self.batches,
+        })
+    }
+}
+
+/// How [`train_segmented`] commits: the segment length and where snapshots go.
+#[derive(Debug, Clone)]
+pub struct Segmenting {
+    /// Optimizer steps per segment (`K`): a boundary after every multiple of it, and at the end.
+    pub every: usize,
+    /// Snapshots are written to [`snapshot_path`]`(dir, step)` at every boundary.
+    pub dir: PathBuf,
+    /// The adapter layout (saved with the factors).
+    pub spec: LoraSpec,
+}
+
+/// What [`train_segmented`] returns.
+#[derive(Debug)]
+pub struct SegmentedRun {
+    /// The trained model.
+    pub model: Llama,
+    /// [`state_hash`] of the state before the first step.
+    pub start: ContentHash,
+    /// One commitment per segment, by increasing `end_step`; the last ends at the last step.
+    pub segments: Vec<Segment>,
+    /// The indices into `examples` each optimizer step used, in order (step `s` at `s − 1`):
+    /// the leaves' contents, for answering an auditor.
+    pub batches: Vec<Vec<usize>>,
+}
+
+/// What [`replay_segment_model`] returns.
+#[derive(Debug)]
+pub struct Replayed {
+    /// The model after the replayed steps.
+    pub model: Llama,
+    /// [`state_hash`] of the snapshot the replay started from.
+    pub start: ContentHash,
+    /// The recomputed commitment of the replayed steps.
+    pub segment: Segment,
+}
+
+/// What can go wrong while committing to or replaying a run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyError {
+    /// Training itself failed (bad settings, a bad snapshot, divergence).
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    /// The optimizer's record holds something the state layout does not cover.
+    #[error("optimizer state: {0}")]
+    OptimizerState(String),
+    /// An adapter factor is not stored as f32.
+    #[error("layer {layer} {proj}: factor {which} is {dtype:?}, not f32")]
+    NotF32 {
+        /// The block.
+        layer: usize,
+        /// The projection's Hugging Face name.
+        proj: &'static str,
+        /// `A` or `B`.
+        which: char,
+        /// What it is.
+        dtype: DType,
+    },
+    /// The segment asked for does not fit the run.
+    #[error("bad segment: {0}")]
+    BadSegment(String),
+    /// The snapshot directory could not be made.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// One adapter parameter's AdamW state, as read from the optimizer's record.
+#[derive(Default)]
+struct Moments {
+    time: Option<u64>,
+    moment_1: Option<TensorData>,
+    moment_2: Option<TensorData>,
+    max_moment_2: Option<TensorData>,
+}
+
+/// The AdamW states in `optim`, by parameter id.
+///
+/// burn 0.22 keeps them private to the [`ModuleOptimizer`]; its public view is the burnpack
+/// record, where AdamW's `AdamWState { momentum: AdaptiveMomentumState { time, moment_1,
+/// moment_2, max_moment_2 } }` of parameter `id` is flattened into tensors named
+/// `{id}.momentum.moment_1` (and `moment_2`, `max_moment_2`) and scalars `{id}.momentum.time`
+/// and `{id}.__rank`. Anything else in the record is an error, so that no state escapes the hash.
+fn optimizer_moments(optim: &ModuleOptimizer) -> Result<BTreeMap<u64, Moments>, VerifyError> {
+    let bad = |what: String| VerifyError::OptimizerState(what);
+    let bytes = optim
+        .into_bytes()
+        .map_err(|e| bad(format!("writing the record: {e:?}")))?;
+    let reader = Reader::from_bytes(bytes).map_err(|e| bad(format!("reading the record: {e}")))?;
+    let scalars = reader.scalars().clone();
+    let tensors = reader
+        .into_tensors()
+        .map_err(|e| bad(format!("reading the record: {e}")))?;
+    let split = |name: &str| -> Result<(u64, String), VerifyError> {
+        name.split_once('.')
+            .and_then(|(id, field)| Some((id.parse().ok()?, field.to_string())))
+            .ok_or_else(|| bad(format!("unexpected entry {name:?}")))
+    };
+    let mut out: BTreeMap<u64, Moments> = BTreeMap::new();
+    for (name, value) in &scalars {
+        let (id, field) = split(name)?;
+        let entry = out.entry(id).or_default();
+        match (field.as_str(), value) {
+            ("__rank", Scalar::UInt(2) | Scalar::Int(2)) => {}
+            ("momentum.time", Scalar::UInt(t)) => entry.time = Some(*t),
+            ("momentum.time", Scalar::Int(t)) if *t >= 0 => entry.time = Some(*t as u64),
+            _ => return Err(bad(format!("unexpected scalar {name:?} = {value:?}"))),
+        }
+    }
+    for tensor in tensors {
+        let (name, dtype, shape, _, bytes) = tensor
+            .into_parts()
+            .map_err(|e| bad(format!("reading the record: {e}")))?;
+        let (id, field) = split(&name)?;
+        let data = TensorData::from_bytes(bytes, shape, dtype);
+        let entry = out.entry(id).or_default();
+        let slot = match field.as_str() {
+            "momentum.moment_1" => &mut entry.moment_1,
+            "momentum.moment_2" => &mut entry.moment_2,
+            "momentum.max_moment_2" => &mut entry.max_moment_2,
+            _ => return Err(bad(format!("unexpected tensor {name:?}"))),
+        };
+        *slot = Some(data);
+    }
+    Ok(out)
+}
+
+/// Appends `values` as f32 little-endian to `h`.
+fn put_f32s(h: &mut ContentHasher, values: &[f32]) {
+    let mut buf = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+    h.update(&buf);
+}
+
+fn put_u64(h: &mut ContentHasher, v: u64) {
+    h.update(&v.to_le_bytes());
+}
+
+/// Appends an optimizer moment tensor (f32, `dims`) to `h`.
+fn put_moment(
+    h: &mut ContentHasher,
+    data: &TensorData,
+    dims: [usize; 2],
+    what: &str,
+) -> Result<(), VerifyError> {
+    if data.shape().as_slice() != dims {
+        return Err(VerifyError::OptimizerState(format!(
+            "{what} is {:?}, its parameter {dims:?}",
+            data.shape().as_slice()
+        )));
+    }
+    let values = data.as_slice::<f32>().map_err(|e| {
+        VerifyError::OptimizerState(format!("{what} is {:?}, not f32: {e:?}", data.dtype()))
+    })?;
+    put_f32s(h, values);
+    Ok(())
+}
+
+/// The BLAKE3 hash of the whole training state that determines the rest of a run, given the
+/// training configuration and the data: the step count, every adapter factor and AdamW's state
+/// for each factor.
+///
+/// The hashed bytes, in order (integers `u64` little-endian, floats `f32` little-endian,
+/// matrices row-major):
+///
+/// 1. [`STATE_DOMAIN`] (`cohort/train-state/v1`, 21 bytes);
+/// 2. `step`, the optimizer steps done;
+/// 3. the number of adapted projections `P`;
+/// 4. for each adapted projection, by block index and then in [`Proj::ALL`]'s order (q, k, v, o,
+///    gate, up, down):
+///    - the block index, the projection's index in [`Proj::ALL`], the rank `r`, `d_in`, `d_out`;
+///    - `A` (`r x d_in`) and then `B` (`d_out x r`), as trained (the LoRA scaling not applied);
+///    - for `A` and then `B`, AdamW's state: one byte `0` if the parameter has none yet (before
+///      its first step), or one byte `1`, the parameter's own time step `t`, the first moment
+///      `m` and the second moment `v` (each shaped like the parameter), then one byte `0` or, with
+///      AMSGrad, `1` and the running maximum of `v`.
+///
+/// The learning rate schedule, the data order and dropout masks follow from the configuration,
+/// the step count and the seed, and AdamW's hyperparameters from the configuration, so none of
+/// them is hashed: a commitment is checked against the job's configuration and data.
+pub fn state_hash(
+    step: usize,
+    model: &Llama,
+    optim: &ModuleOptimizer,
+) -> Result<ContentHash, VerifyError> {
+    let mut moments = optimizer_moments(optim)?;
+    let mut adapters = Vec::new();
+    for (layer, block) in model.layers().iter().enumerate() {
+        for (pi, p) in Proj::ALL.into_iter().enumerate() {
+            if let Some(ad) = block.projection(p).adapter() {
+                adapters.push((layer, pi, p, ad));
+            }
+        }
+    }
+    let mut h = ContentHasher::new();
+    h.update(STATE_DOMAIN);
+    put_u64(&mut h, step as u64);
+    put_u64(&mut h, adapters.len() as u64);
+    for (layer, pi, p, ad) in adapters {
+        let (a, b) = (ad.a.val(), ad.b.val());
+        let ([r, d_in], [d_out, _]) = (a.dims(), b.dims());
+        for v in [layer, pi, r, d_in, d_out] {
+            put_u64(&mut h, v as u64);
+        }
+        let factors: [(char, Tensor<2>); 2] = [('A', a), ('B', b)];
+        let mut dims = Vec::with_capacity(2);
+        for (which, t) in factors {
+            dims.push(t.dims());
+            let data = t.into_data();
+            let values = data.as_slice::<f32>().map_err(|_| VerifyError::NotF32 {
+                layer,
+                proj: p.hf_name(),
+                which,
+                dtype: data.dtype(),
+            })?;
+            put_f32s(&mut h, values);
+        }
+        for ((which, id), dims) in [('A', ad.a.id), ('B', ad.b.id)].into_iter().zip(dims) {
+            let what = |field: &str| format!("layer {layer} {} {which}.{field}", p.hf_name());
+            match moments.remove(&id.val()) {
+                None => {
+                    h.update(&[0]);
+                }
+                Some(m) => {
+                    let missing = |field: &str| {
+                        VerifyError::OptimizerState(format!("{} is missing", what(field)))
+                    };
+                    let time = m.time.ok_or_else(|| missing("time"))?;
+                    let m1 = m.moment_1.as_ref().ok_or_else(|| missing("moment_1"))?;
+                    let m2 = m.moment_2.as_ref().ok_or_else(|| missing("moment_2"))?;
+                    h.update(&[1]);
+                    put_u64(&mut h, time);
+                    put_moment(&mut h, m1, dims, &what("moment_1"))?;
+                    put_moment(&mut h, m2, dims, &what("moment_2"))?;
+                    match &m.max_moment_2 {
+                        None => {
+                            h.update(&[0]);
+                        }
+                        Some(max) => {
+                            h.update(&[1]);
+                            put_moment(&mut h, max, dims, &what("max_moment_2"))?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(id) = moments.keys().next() {
+        return Err(VerifyError::OptimizerState(format!(
+            "parameter {id:#x} has optimizer state but is not an adapter factor"
+        )));
+    }
+    Ok(h.finalize())
+}
+
+/// A leaf of a segment's batch tree: BLAKE3 of the byte `0x00`, the optimizer step (1-based:
+/// the step that consumed the batch), the number of examples, and each example's index into the
+/// run's `examples` in the order the step used them, all `u64` little-endian.
+pub fn batch_leaf(step: usize, indices: &[usize]) -> ContentHash {
+    let mut h = ContentHasher::new();
+    h.update(&[0x00]);
+    put_u64(&mut h, step as u64);
+    put_u64(&mut h, indices.len() as u64);
+    let mut buf = Vec::with_capacity(indices.len() * 8);
+    for i in indices {
+        buf.extend_from_slice(&(*i as u64).to_le_bytes());
+    }
+    h.update(&buf);
+    h.finalize()
+}
+
+/// The Merkle root of `leaves`: each level pairs neighbours into BLAKE3 of the byte `0x01`, the
+/// left and the right hash; an odd last node moves up a level unchanged; the root of one leaf is
+/// that leaf. The leading byte keeps leaves (`0x00`, [`batch_leaf`]) and inner nodes apart. No
+/// leaves give BLAKE3 of the single byte `0x02`.
+pub fn merkle_root(leaves: &[ContentHash]) -> ContentHash {
+    if leaves.is_empty() {
+        return ContentHash::of(&[0x02]);
+    }
+    let mut level = leaves.to_vec();
+    while level.len() > 1 {
+        level = level
+            .chunks(2)
+            .map(|pair| {
+                let mut h = ContentHasher::new();
+                h.update(&[0x01]);
+                for child in pair {
+                    h.update(child.as_bytes());
+                }
+                if pair.len() == 2 {
+                    h.finalize()
+                } else {
+                    pair[0]
+                }
+            })
+            .collect();
+    }
+    level[0]
+}
+
+/// Where [`train_segmented`] keeps the snapshot of the state after `step` steps:
+/// `dir/step-{step:08}`.
+pub fn snapshot_path(dir: &Path, step: usize) -> PathBuf {
+    dir.join(format!("step-{step:08}"))
+}
+
+/// [`crate::train::train`], committing to a [`Segment`] every `seg.every` optimizer steps and at
+/// the last step, and writing a snapshot at every boundary (step 0 included) for auditors.
+/// `on_segment` sees each commitment as it is made.
+pub fn train_segmented(
+    model: Llama,
+    examples: &[Example],
+    cfg: &TrainConfig,
+    pad: u32,
+    seg: &Segmenting,
+    on_step: impl FnMut(&StepEvent),
+    mut on_segment: impl FnMut(&Segment),
+) -> Result<SegmentedRun, VerifyError> {
+    if seg.every == 0 {
+        return Err(VerifyError::BadSegment(
+            "the segment length must be at least 1".into(),
+        ));
+    }
+    std::fs::create_dir_all(&seg.dir).map_err(|source| VerifyError::Io {
+        path: seg.dir.clone(),
+        source,
+    })?;
+    let mut start = None;
+    let mut segments = Vec::new();
+    let mut leaves = Vec::new();
+    let mut batches = Vec::new();
+    let mut failed = None;
+    let mut hook = |b: &Boundary<'_>| -> ControlFlow<()> {
+        let mut commit = || -> Result<(), VerifyError> {
+            let first = b.batch.is_empty();
+            if !first {
+                leaves.push(batch_leaf(b.step, b.batch));
+                batches.push(b.batch.to_vec());
+            }
+            if first || b.step.is_multiple_of(seg.every) || b.step == b.total {
+                let state = state_hash(b.step, b.model, b.optim)?;
+                b.save(&snapshot_path(&seg.dir, b.step), &seg.spec)?;
+                if first {
+                    start = Some(state);
+                } else {
+                    let s = Segment {
+                        end_step: b.step,
+                        state,
+                        batches: merkle_root(&leaves),
+                    };
+                    leaves.clear();
+                    on_segment(&s);
+                    segments.push(s);
+                }
+            }
+            Ok(())
+        };
+        match commit() {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                failed = Some(e);
+                ControlFlow::Break(())
+            }
+        }
+    };
+    let hooks = Hooks {
+        start: None,
+        stop_after: None,
+        boundary: Some(&mut hook),
+    };
+    let model = run(model, examples, cfg, pad, None, hooks, on_step)?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let start = start.ok_or_else(|| VerifyError::BadSegment("the run never started".into()))?;
+    Ok(SegmentedRun {
+        model,
+        start,
+        segments,
+        batches,
+    })
+}
+
+/// Re-runs the steps of one segment: loads the snapshot `snapshot` (written by
+/// [`train_segmented`] at the segment's start) into `model` (the base with adapters attached, on
+/// an autodiff device), trains with the run's `examples`, `cfg` and `pad` until `end_step` steps
+/// are done, and returns the recomputed commitment, to be compared with the committed one.
+pub fn replay_segment(
+    model: Llama,
+    examples: &[Example],
+    cfg: &TrainConfig,
+    pad: u32,
+    snapshot: &Path,
+    end_step: usize,
+) -> Result<Segment, VerifyError> {
+    Ok(replay_segment_model(model, examples, cfg, pad, snapshot, end_step)?.segment)
+}
+
+/// [`replay_segment`], also returning the model after the segment and the snapshot's own
+/// [`state_hash`] (which must equal the commitment of the previous segment, or the job's start).
+pub fn replay_segment_model(
+    model: Llama,
+    examples: &[Example],
+    cfg: &TrainConfig,
+    pad: u32,
+    snapshot: &Path,
+    end_step: usize,
+) -> Result<Replayed, VerifyError> {
+    let mut start = None;
+    let mut end = None;
+    let mut total = 0;
+    let mut leaves = Vec::new();
+    let mut failed = None;
+    let mut hook = |b: &Boundary<'_>| -> ControlFlow<()> {
+        total = b.total;
+        let result = if b.batch.is_empty() {
+            if b.step >= end_step {
+                Err(VerifyError::BadSegment(format!(
+                    "the snapshot is at step {}, not before end step {end_step}",
+                    b.step
+                )))
+            } else {
+                state_hash(b.step, b.model, b.optim).map(|h| start = Some(h))
+            }
+        } else {
+            leaves.push(batch_leaf(b.step, b.batch));
+            if b.step == end_step {
+                state_hash(b.step, b.model, b.optim).map(|h| end = Some(h))
+            } else {
+                Ok(())
+            }
+        };
+        match result {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                failed = Some(e);
+                ControlFlow::Break(())
+            }
+        }
+    };
+    let hooks = Hooks {
+        start: Some(snapshot),
+        stop_after: Some(end_step),
+        boundary: Some(&mut hook),
+    };
+    let model = run(model, examples, cfg, pad, None, hooks, |_| {})?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let (Some(start), Some(state)) = (start, end) else {
+        return Err(VerifyError::BadSegment(format!(
+            "the run has {total} steps, fewer than end step {end_step}"
+        )));
+    };
+    Ok(Replayed {
+        model,
+        start,
+        segment: Segment {
+            end_step,
+            state,
+            batches: merkle_root(&leaves),
+        },
+    })
+}
+
+/// The [`state_hash`] of a snapshot, loaded into `model` (the base with adapters attached) and
+/// checked against the run's `examples` and `cfg`: what an auditor compares with the commitment
+/// the snapshot claims to be.
+pub fn snapshot_hash(
+    mut model: Llama,
+    examples: &[Example],
+    cfg: &TrainConfig,
+    snapshot: &Path,
+) -> Result<ContentHash, VerifyError> {
+    let (optim, step) = load_snapshot(snapshot, cfg, examples, &mut model)?;
+    state_hash(step, &model, &optim)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(i: u8) -> ContentHash {
+        ContentHash::of(&[i])
+    }
+
+    fn node(l: ContentHash, r: ContentHash) -> ContentHash {
+        let mut bytes = vec![0x01];
+        bytes.extend_from_slice(l.as_bytes());
+        bytes.extend_from_slice(r.as_bytes());
+        ContentHash::of(&bytes)
+    }
+
+    #[test]
+    fn merkle_root_pairs_neighbours_and_promotes_an_odd_one() {
+        assert_eq!(merkle_root(&[h(1)]), h(1));
+        assert_eq!(merkle_root(&[h(1), h(2)]), node(h(1), h(2)));
+        assert_eq!(
+            merkle_root(&[h(1), h(2), h(3)]),
+            node(node(h(1), h(2)), h(3))
+        );
+        assert_eq!(
+            merkle_root(&[h(1), h(2), h(3), h(4), h(5)]),
+            node(node(node(h(1), h(2)), node(h(3), h(4))), h(5))
+        );
+        assert_ne!(merkle_root(&[h(1), h(2)]), merkle_root(&[h(2), h(1)]));
+        assert_eq!(merkle_root(&[]), ContentHash::of(&[0x02]));
+    }
+
+    #[test]
+    fn batch_leaves_bind_the_step_and_the_order() {
+        let mut bytes = vec![0x00];
+        for v in [3u64, 2, 7, 1] {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        assert_eq!(batch_leaf(3, &[7, 1]), ContentHash::of(&bytes));
+        assert_ne!(batch_leaf(3, &[7, 1]), batch_leaf(3, &[1, 7]));
+        assert_ne!(batch_leaf(3, &[7, 1]), batch_leaf(4, &[7, 1]));
+        // A leaf is never an inner node: they differ in their first byte.
+        assert_ne!(batch_leaf(0, &[]), merkle_root(&[h(0), h(1)]));
+    }
+}
