@@ -25,6 +25,8 @@
 //! - [`lora`]: the standalone LoRA linear layer and PEFT's seeded initialisation of `A`.
 //! - [`verify`]: training commitments for spot checks: the hash of the whole training state, a
 //!   commitment every K steps with a snapshot, and the replay of one segment.
+//! - [`federated`]: what a peer calls in a federated round: train an update with commitments,
+//!   check one, replay a segment, merge a round with Shapley values, bundle a directory.
 //! - [`models`], [`bench`](mod@bench): the local model cache, and the inference and training benchmarks.
 //!
 //! What later work adds here: the quantized (QLoRA) base.
@@ -33,6 +35,7 @@ pub mod adapter;
 pub mod bench;
 pub mod data;
 pub mod engine;
+pub mod federated;
 pub mod generate;
 pub mod gguf;
 pub mod lora;
