@@ -47,6 +47,12 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/api/datanets/{name}/grant", post(grant))
         .route("/api/datanets/{name}/revoke", post(revoke))
         .route("/api/sync", post(sync_now))
+        .route("/api/jobs", get(list_jobs).post(create_job))
+        .route("/api/jobs/{job}", get(show_job))
+        .route("/api/jobs/{job}/cancel", post(cancel_job))
+        .route("/api/volunteer", get(volunteer_get).post(volunteer_set))
+        .route("/api/ledger", get(ledger_show))
+        .route("/api/ledger/verify", post(ledger_verify))
         .route("/api/blobs/{hash}/fetch", post(fetch_blob))
         .route("/api/dht/providers/{hash}", get(dht_providers))
         .route("/api/dht/peers/{peer}", get(dht_resolve))
@@ -977,4 +983,259 @@ async fn records(
     Ok(Json(
         json!({ "version": m.version, "total": total, "records": out }),
     ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Jobs, volunteering and the ledger
+// ---------------------------------------------------------------------------------------------
+
+async fn create_job(
+    _auth: Authorized,
+    State(node): State<AppState>,
+    body: Result<
+        Json<crate::rounds::coordinate::CreateJob>,
+        axum::extract::rejection::JsonRejection,
+    >,
+) -> ApiResult {
+    let Json(req) = body.map_err(|e| ApiError::bad(e.body_text()))?;
+    let job = crate::rounds::coordinate::create_job(&node, req)
+        .await
+        .map_err(ApiError::bad)?;
+    Ok(Json(json!({ "job": job.to_string() })))
+}
+
+/// The job named by an id or a unique prefix of one, among those stored here.
+async fn resolve_job(
+    node: &Node,
+    given: &str,
+) -> Result<(cohort_protocol::types::JobId, crate::rounds::JobRecord), ApiError> {
+    let all = node
+        .state
+        .call(|s| crate::rounds::jobs(s.store()))
+        .await?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let given = given.to_ascii_lowercase();
+    let mut hits = all
+        .into_iter()
+        .filter(|(j, _)| j.to_string().starts_with(&given));
+    match (hits.next(), hits.next()) {
+        (Some(one), None) if !given.is_empty() => Ok(one),
+        (Some(_), Some(_)) => Err(ApiError::bad(format!("job prefix `{given}` is ambiguous"))),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no job `{given}` here"),
+        )),
+    }
+}
+
+fn job_summary(
+    job: &cohort_protocol::types::JobId,
+    r: &crate::rounds::JobRecord,
+    status: Option<crate::rounds::JobStatus>,
+) -> Value {
+    let spec = r.spec.verify().ok();
+    json!({
+        "job": job.to_string(),
+        "owner": r.spec.signer().to_string(),
+        "role": r.role,
+        "finished": r.finished,
+        "name": spec.as_ref().map(|s| s.name.clone()),
+        "rounds": spec.as_ref().map(|s| s.rounds),
+        "base_model": spec.as_ref().map(|s| s.base_model.to_string()),
+        "status": status,
+    })
+}
+
+async fn list_jobs(State(node): State<AppState>) -> ApiResult {
+    let all = node
+        .state
+        .call(|s| crate::rounds::jobs(s.store()))
+        .await?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let jobs: Vec<Value> = all
+        .iter()
+        .map(|(j, r)| job_summary(j, r, node.rounds.status(j)))
+        .collect();
+    Ok(Json(json!({ "jobs": jobs })))
+}
+
+async fn show_job(State(node): State<AppState>, Path(given): Path<String>) -> ApiResult {
+    let (job, record) = resolve_job(&node, &given).await?;
+    let closes = node
+        .state
+        .call(move |s| crate::rounds::closes(s.store(), &job))
+        .await?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let rounds: Vec<Value> = closes
+        .iter()
+        .filter_map(|c| c.verify().ok())
+        .map(|c| {
+            json!({
+                "round": c.round,
+                "outcome": format!("{:?}", c.outcome),
+                "merged_adapter": c.merged_adapter.map(|h| h.to_string()),
+                "validation_loss_before": c.validation_loss_before,
+                "validation_loss_after": c.validation_loss_after,
+                "truncation_error": c.truncation_error,
+                "verdicts": c.verdicts.iter().map(|v| json!({
+                    "worker": v.worker.to_string(),
+                    "commit": v.commit.to_string(),
+                    "rejected": v.rejected.as_ref().map(|r| format!("{r:?}")),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let mut v = job_summary(&job, &record, node.rounds.status(&job));
+    v["closed_rounds"] = json!(rounds);
+    if let Ok(spec) = record.spec.verify() {
+        v["spec"] = json!({
+            "rank": spec.adapter.rank,
+            "alpha": spec.adapter.alpha,
+            "targets": spec.adapter.targets.iter().map(|t| t.hf_name()).collect::<Vec<_>>(),
+            "qlora": matches!(spec.adapter.kind, cohort_protocol::types::AdapterKind::Qlora { .. }),
+            "learning_rate": spec.hyper.learning_rate,
+            "epochs": spec.hyper.epochs,
+            "batch_size": spec.hyper.batch_size,
+            "seq_len": spec.hyper.seq_len,
+            "min_updates": spec.quorum.min_updates,
+            "max_workers": spec.quorum.max_workers,
+            "validation_set": spec.validation.set.to_string(),
+            "datanets": spec.datanets.iter().map(|d| json!({
+                "datanet": d.datanet.to_string(), "version": d.version,
+            })).collect::<Vec<_>>(),
+        });
+    }
+    Ok(Json(v))
+}
+
+async fn cancel_job(
+    _auth: Authorized,
+    State(node): State<AppState>,
+    Path(given): Path<String>,
+) -> ApiResult {
+    let (job, _) = resolve_job(&node, &given).await?;
+    crate::rounds::coordinate::cancel(&node, &job)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, e))?;
+    Ok(Json(json!({ "job": job.to_string(), "cancelled": true })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolunteerBody {
+    enabled: bool,
+    #[serde(default)]
+    policy: crate::rounds::volunteer::Policy,
+}
+
+async fn volunteer_get(State(node): State<AppState>) -> ApiResult {
+    let policy = node.rounds.policy();
+    Ok(Json(
+        json!({ "enabled": policy.is_some(), "policy": policy }),
+    ))
+}
+
+async fn volunteer_set(
+    _auth: Authorized,
+    State(node): State<AppState>,
+    body: Result<Json<VolunteerBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let Json(b) = body.map_err(|e| ApiError::bad(e.body_text()))?;
+    for o in &b.policy.owners {
+        o.parse::<PeerId>()
+            .map_err(|e| ApiError::bad(format!("policy.owners: `{o}`: {e}")))?;
+    }
+    node.rounds.set_policy(b.enabled.then(|| b.policy.clone()));
+    if b.enabled {
+        let n = node.clone();
+        node.tasks
+            .spawn(async move { crate::rounds::volunteer::discover(&n).await });
+    }
+    volunteer_get(State(node)).await
+}
+
+async fn ledger_show(State(node): State<AppState>) -> ApiResult {
+    let (chains, totals) = node
+        .state
+        .call(|s| -> Result<_, crate::store::StoreError> {
+            use crate::rounds::ledger;
+            let mut chains = Vec::new();
+            for c in ledger::coordinators(s.store())? {
+                let entries: Vec<Value> = ledger::chain(s.store(), &c)?
+                    .iter()
+                    .filter_map(|e| e.verify().ok().map(|p| (e.hash(), p)))
+                    .map(|(hash, p)| {
+                        json!({
+                            "seq": p.seq,
+                            "hash": hash.to_string(),
+                            "job": p.job.to_string(),
+                            "round": p.round,
+                            "merged_adapter": p.merged_adapter.map(|h| h.to_string()),
+                            "validation_loss_before": p.validation_loss_before,
+                            "validation_loss_after": p.validation_loss_after,
+                            "data": p.data.iter().map(|d| json!({
+                                "shard": d.shard.to_string(),
+                                "datanet": d.datanet.to_string(),
+                                "contributor": d.contributor.to_string(),
+                                "credit": d.value.to_string(),
+                                "flag": format!("{:?}", d.flag),
+                            })).collect::<Vec<_>>(),
+                            "compute": p.compute.iter().map(|c| json!({
+                                "peer": c.peer.to_string(),
+                                "tokens": c.tokens,
+                                "verified": c.verified,
+                            })).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                chains.push(json!({ "coordinator": c.to_string(), "entries": entries }));
+            }
+            Ok((chains, ledger::totals(s.store())?))
+        })
+        .await?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let contributors: serde_json::Map<String, Value> = totals
+        .contributors
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                json!(cohort_protocol::types::Credit(*v).to_string()),
+            )
+        })
+        .collect();
+    Ok(Json(json!({
+        "chains": chains,
+        "totals": {
+            "contributors": contributors,
+            "volunteer_tokens": totals.volunteers,
+            "volunteer_failed_updates": totals.failed,
+        },
+    })))
+}
+
+async fn ledger_verify(_auth: Authorized, State(node): State<AppState>) -> ApiResult {
+    // Pull the latest of every known chain first, so the verdict is about today's ledger.
+    for p in node.known_peers() {
+        if let Err(e) = node.sync_ledger(p).await {
+            tracing::debug!("ledger of {}: {e}", p.short());
+        }
+    }
+    let reports = node
+        .state
+        .call(|s| -> Result<_, crate::store::StoreError> {
+            let mut closes = std::collections::BTreeMap::new();
+            for (job, _) in crate::rounds::jobs(s.store())? {
+                for c in crate::rounds::closes(s.store(), &job)? {
+                    closes.insert(c.hash(), c);
+                }
+            }
+            crate::rounds::ledger::verify_all(s.store(), &closes)
+        })
+        .await?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let ok = reports
+        .iter()
+        .all(|r| r.problems.is_empty() && r.equivocations == 0);
+    Ok(Json(json!({ "ok": ok, "chains": reports })))
 }

@@ -13,6 +13,8 @@
 //! - [`api`]: the JSON API and dashboard.
 //! - [`openai`]: the OpenAI-compatible API (`/v1/...`) and `/metrics`.
 //! - [`import`]: JSONL validation, normalisation, deduplication, shards.
+//! - [`rounds`]: federated rounds: the job owner's coordinator, the volunteer's worker, the
+//!   ledger.
 //! - [`routing`]: content routing ("which peers provide hash H").
 //! - [`dht`]: the libp2p Kademlia DHT, the second content router, and peer address records.
 //! - [`config`]: the optional `config.json` of a data directory.
@@ -28,6 +30,7 @@ pub mod identity;
 pub mod import;
 pub mod node;
 pub mod openai;
+pub mod rounds;
 pub mod routing;
 pub mod rpc;
 pub mod state;

@@ -110,6 +110,14 @@ enum Command {
         /// Keep mDNS off even with --public.
         #[arg(long)]
         no_mdns: bool,
+        /// Volunteer for announced jobs from the start (any owner, any datanet; change it
+        /// with `cohort volunteer on|off`).
+        #[arg(long)]
+        volunteer: bool,
+        /// For tests of the coordinator's defences only: misbehave as a volunteer
+        /// (`nan`, `oversized`, `made-up`).
+        #[arg(long, hide = true, requires = "volunteer")]
+        volunteer_fault: Option<String>,
     },
     /// Serve base models and LoRA adapters through an OpenAI-compatible API
     /// (`/v1/chat/completions`, `/v1/completions`, `/v1/models`) and `/metrics`, without a node.
@@ -138,6 +146,21 @@ enum Command {
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
+    },
+    /// Federated jobs: create one (this peer coordinates it), follow it, cancel it.
+    Job {
+        #[command(subcommand)]
+        command: JobCommand,
+    },
+    /// Lend this machine to jobs: on (with a policy), off, or show the state.
+    Volunteer {
+        #[command(subcommand)]
+        command: VolunteerCommand,
+    },
+    /// The contribution ledger: every coordinator's signed chain, credits and totals.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
     },
     /// Tools for tests: send raw bytes to a peer.
     #[command(hide = true)]
@@ -277,6 +300,133 @@ enum DatanetCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum JobCommand {
+    /// Create a job on local datanets and coordinate it from this peer. Unset options take
+    /// the node's defaults (LoRA rank 8 on q_proj and v_proj, 2 rounds, quorum 2).
+    Create(Box<JobCreateArgs>),
+    /// Jobs this peer coordinates or works on.
+    List,
+    /// One job: round, phase, validation loss per round, workers, refusals.
+    Status {
+        /// The job id (or a unique prefix).
+        job: String,
+    },
+    /// Cancel a job this peer coordinates: the current round closes without a merge.
+    Cancel {
+        /// The job id (or a unique prefix).
+        job: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct JobCreateArgs {
+    /// A name for people.
+    #[arg(long)]
+    name: Option<String>,
+    /// Datanets (name or id, repeatable); their latest versions are used.
+    #[arg(long = "datanet", required = true)]
+    datanets: Vec<String>,
+    /// The base model: a path or a file name in the model cache (default: the default model).
+    #[arg(long)]
+    model: Option<String>,
+    /// Train against the GGUF's quantized blocks.
+    #[arg(long)]
+    qlora: bool,
+    /// LoRA rank.
+    #[arg(long)]
+    rank: Option<u32>,
+    /// LoRA alpha.
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// Target modules, comma-separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<String>,
+    /// Learning rate.
+    #[arg(long)]
+    learning_rate: Option<f32>,
+    /// Local epochs per round.
+    #[arg(long)]
+    epochs: Option<u32>,
+    /// Sequences per batch.
+    #[arg(long)]
+    batch_size: Option<u32>,
+    /// Longest sequence in tokens.
+    #[arg(long)]
+    seq_len: Option<u32>,
+    /// The job's seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Rounds.
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Fewest verified updates that make a round.
+    #[arg(long)]
+    min_updates: Option<u32>,
+    /// Most workers per round.
+    #[arg(long)]
+    max_workers: Option<u32>,
+    /// Seconds each round enrols volunteers.
+    #[arg(long)]
+    enroll_secs: Option<f64>,
+    /// Seconds workers have to train and commit.
+    #[arg(long)]
+    train_secs: Option<f64>,
+    /// Seconds for checking updates.
+    #[arg(long)]
+    validate_secs: Option<f64>,
+    /// Merge method: exact, full-rank or ffa.
+    #[arg(long)]
+    merge: Option<String>,
+    /// Stop after this many rounds without validation gain.
+    #[arg(long)]
+    patience: Option<u32>,
+    /// Share of records held out for validation.
+    #[arg(long)]
+    validation_fraction: Option<f64>,
+    /// Optimizer steps per committed segment.
+    #[arg(long)]
+    segment_steps: Option<u32>,
+    /// Share of segments the coordinator re-executes.
+    #[arg(long)]
+    audit_rate: Option<f64>,
+    /// Refuse updates whose delta exceeds this multiple of the round's median.
+    #[arg(long)]
+    norm_bound: Option<f64>,
+}
+
+#[derive(Debug, Subcommand)]
+enum VolunteerCommand {
+    /// Volunteer for jobs the policy accepts.
+    On {
+        /// Only jobs by this owner (repeatable).
+        #[arg(long = "owner")]
+        owners: Vec<String>,
+        /// Only jobs on these datanets (ids, repeatable).
+        #[arg(long = "datanet")]
+        datanets: Vec<String>,
+        /// Refuse jobs with a larger LoRA rank.
+        #[arg(long)]
+        max_rank: Option<u32>,
+        /// Refuse jobs with more rounds.
+        #[arg(long)]
+        max_rounds: Option<u32>,
+    },
+    /// Stop volunteering for new jobs (work in progress finishes).
+    Off,
+    /// Whether this peer volunteers, and its policy.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum LedgerCommand {
+    /// Every stored chain's entries, and the credit totals per contributor and volunteer.
+    Show,
+    /// Verify every stored chain: signatures, links, forks, credit arithmetic, agreement with
+    /// each round's signed close. Exits non-zero on any problem.
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -647,6 +797,145 @@ fn datanet(cli: &Cli, command: &DatanetCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn job(cli: &Cli, command: &JobCommand) -> anyhow::Result<()> {
+    let c = client(cli)?;
+    match command {
+        JobCommand::Create(a) => {
+            let mut body = serde_json::Map::new();
+            let mut set = |k: &str, v: Value| {
+                if !v.is_null() {
+                    body.insert(k.to_owned(), v);
+                }
+            };
+            set("name", json!(a.name));
+            set("model", json!(a.model));
+            set("datanets", json!(a.datanets));
+            set("qlora", json!(a.qlora));
+            set("rank", json!(a.rank));
+            set("alpha", json!(a.alpha));
+            if !a.targets.is_empty() {
+                set("targets", json!(a.targets));
+            }
+            set("learning_rate", json!(a.learning_rate));
+            set("epochs", json!(a.epochs));
+            set("batch_size", json!(a.batch_size));
+            set("seq_len", json!(a.seq_len));
+            set("seed", json!(a.seed));
+            set("rounds", json!(a.rounds));
+            set("min_updates", json!(a.min_updates));
+            set("max_workers", json!(a.max_workers));
+            set("enroll_secs", json!(a.enroll_secs));
+            set("train_secs", json!(a.train_secs));
+            set("validate_secs", json!(a.validate_secs));
+            set("merge", json!(a.merge));
+            set("patience", json!(a.patience));
+            set("validation_fraction", json!(a.validation_fraction));
+            set("segment_steps", json!(a.segment_steps));
+            set("audit_rate", json!(a.audit_rate));
+            set("norm_bound", json!(a.norm_bound));
+            let v = c.post("/api/jobs", &Value::Object(body))?;
+            print(cli, &v, |v| st(&v["job"]).to_owned());
+        }
+        JobCommand::List => {
+            let v = c.get("/api/jobs")?;
+            print(cli, &v, |v| {
+                v["jobs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|j| {
+                        format!(
+                            "{}  {:<9} round {} {}{}",
+                            st(&j["job"]),
+                            st(&j["status"]["role"]),
+                            j["status"]["round"],
+                            st(&j["status"]["phase"]),
+                            if j["status"]["finished"] == json!(true) {
+                                " (finished)"
+                            } else {
+                                ""
+                            }
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        JobCommand::Status { job } => {
+            let v = c.get(&format!("/api/jobs/{}", enc(job)))?;
+            print(cli, &v, pretty);
+        }
+        JobCommand::Cancel { job } => {
+            let v = c.post(&format!("/api/jobs/{}/cancel", enc(job)), &json!({}))?;
+            print(cli, &v, |_| "cancelled".into());
+        }
+    }
+    Ok(())
+}
+
+fn volunteer(cli: &Cli, command: &VolunteerCommand) -> anyhow::Result<()> {
+    let c = client(cli)?;
+    let v = match command {
+        VolunteerCommand::On {
+            owners,
+            datanets,
+            max_rank,
+            max_rounds,
+        } => c.post(
+            "/api/volunteer",
+            &json!({ "enabled": true, "policy": {
+                "owners": owners, "datanets": datanets,
+                "max_rank": max_rank, "max_rounds": max_rounds } }),
+        )?,
+        VolunteerCommand::Off => c.post("/api/volunteer", &json!({ "enabled": false }))?,
+        VolunteerCommand::Status => c.get("/api/volunteer")?,
+    };
+    print(cli, &v, pretty);
+    Ok(())
+}
+
+fn ledger(cli: &Cli, command: &LedgerCommand) -> anyhow::Result<()> {
+    let c = client(cli)?;
+    match command {
+        LedgerCommand::Show => {
+            let v = c.get("/api/ledger")?;
+            print(cli, &v, pretty);
+        }
+        LedgerCommand::Verify => {
+            let v = c.post("/api/ledger/verify", &json!({}))?;
+            let ok = v["ok"] == json!(true);
+            print(cli, &v, |v| {
+                let mut lines = Vec::new();
+                for ch in v["chains"].as_array().into_iter().flatten() {
+                    let problems: Vec<_> = ch["problems"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|p| p.as_str())
+                        .collect();
+                    lines.push(format!(
+                        "{} {}: {} entries{}",
+                        if problems.is_empty() { "ok  " } else { "FAIL" },
+                        st(&ch["coordinator"]),
+                        ch["entries"],
+                        if problems.is_empty() {
+                            String::new()
+                        } else {
+                            format!("\n  {}", problems.join("\n  "))
+                        }
+                    ));
+                }
+                if lines.is_empty() {
+                    lines.push("no ledger chains stored".into());
+                }
+                lines.join("\n")
+            });
+            anyhow::ensure!(ok, "the ledger does not verify");
+        }
+    }
+    Ok(())
+}
+
 async fn debug_send(dir: DataDir, to: PeerAddr, file: PathBuf) -> anyhow::Result<()> {
     use cohort_protocol::types::rpc::Response;
     let endpoint = debug_endpoint(&dir).await?;
@@ -767,6 +1056,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dht_mode,
             dht_record_ttl_secs,
             no_mdns,
+            volunteer,
+            volunteer_fault,
         } => {
             let dir = data_dir(&cli)?;
             dir.keypair()?;
@@ -794,6 +1085,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 public: *public,
                 sync_interval: Duration::from_millis((*sync_interval_ms).max(100)),
                 dht,
+                volunteer: volunteer.then(|| cohort_peer::rounds::volunteer::Policy {
+                    fault: volunteer_fault.clone(),
+                    ..Default::default()
+                }),
             };
             runtime()?.block_on(up(config))?;
         }
@@ -807,6 +1102,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print(&cli, &v, |v| format!("pulled {} manifests", v["pulled"]));
         }
         Command::Datanet { command } => datanet(&cli, command)?,
+        Command::Job { command } => job(&cli, command)?,
+        Command::Volunteer { command } => volunteer(&cli, command)?,
+        Command::Ledger { command } => ledger(&cli, command)?,
         Command::Blob {
             command: BlobCommand::Fetch { hash, out },
         } => {

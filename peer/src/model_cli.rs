@@ -23,6 +23,15 @@ use cohort_trainer::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 pub enum ModelCommand {
     /// List the base models in the model cache (name, architecture, parameters, size, BLAKE3).
     List,
+    /// Write a tiny random chat model (2 layers, byte-level tokenizer, ChatML) to a file: for
+    /// tests and `cohort demo --quick`, which need a model that trains in seconds.
+    Tiny {
+        /// Where to write the GGUF file.
+        path: std::path::PathBuf,
+        /// The seed of its random weights.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 /// Where the model runs.
@@ -150,6 +159,12 @@ fn open(spec: &str) -> anyhow::Result<GgufFile> {
 
 pub fn model(cmd: &ModelCommand) -> anyhow::Result<()> {
     match cmd {
+        ModelCommand::Tiny { path, seed } => {
+            cohort_trainer::bench::tiny_chat_model(*seed, path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            println!("{}", path.display());
+            Ok(())
+        }
         ModelCommand::List => {
             let list = models::list()?;
             if list.is_empty() {

@@ -121,6 +121,8 @@ pub struct NodeConfig {
     pub sync_interval: Duration,
     /// The libp2p DHT (its `iroh_addrs` are filled in once the endpoint is bound).
     pub dht: DhtConfig,
+    /// Volunteer for jobs this policy accepts from the start (`None`: not until turned on).
+    pub volunteer: Option<crate::rounds::volunteer::Policy>,
 }
 
 /// What a running node writes to `node.json` once it is ready.
@@ -242,6 +244,15 @@ pub struct Node {
     pub known: Mutex<BTreeSet<PeerId>>,
     /// Gossip neighbours now.
     pub neighbours: Mutex<BTreeSet<PeerId>>,
+    /// Federated rounds: coordinators, workers, the volunteer switch.
+    pub rounds: crate::rounds::Rounds,
+    /// A weak handle to this node, for tasks it starts itself.
+    pub this: Mutex<std::sync::Weak<Node>>,
+    /// Tasks started after the node is up (coordinators, workers, their work); waited for at
+    /// shutdown.
+    pub tasks: tokio_util::task::TaskTracker,
+    /// Cancelled when the node shuts down.
+    pub cancel: CancellationToken,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -309,9 +320,91 @@ impl Node {
             AnnouncementBody::Provides { hashes } => {
                 self.index.add_providers(signer, &hashes).await;
             }
+            AnnouncementBody::Job { job } => {
+                if let Some(node) = self.me_arc() {
+                    self.tasks.spawn(async move {
+                        crate::rounds::volunteer::consider(&node, signer, job).await;
+                    });
+                }
+            }
+            AnnouncementBody::RoundOpened { job, .. }
+            | AnnouncementBody::RoundClosed { job, .. } => {
+                if let Some(tx) = self.rounds.worker(&job) {
+                    tx.try_send(crate::rounds::volunteer::WorkerMsg::Poke).ok();
+                }
+            }
+            AnnouncementBody::LedgerHead { .. } => {
+                if let Some(node) = self.me_arc() {
+                    self.tasks.spawn(async move {
+                        if let Err(e) = node.sync_ledger(signer).await {
+                            tracing::debug!("ledger of {}: {e}", signer.short());
+                        }
+                    });
+                }
+            }
             _ => {}
         }
         Ok(())
+    }
+
+    /// This node as an `Arc`, for tasks it starts (`None` while shutting down).
+    fn me_arc(&self) -> Option<Arc<Node>> {
+        lock(&self.this).upgrade()
+    }
+
+    /// Fetches `coordinator`'s ledger entries after the stored head from it, verifies and
+    /// stores them; returns how many were new.
+    pub async fn sync_ledger(&self, coordinator: PeerId) -> Result<usize, String> {
+        use crate::rounds::ledger;
+        let mut total = 0;
+        loop {
+            let c = coordinator;
+            let from = self
+                .state
+                .call(move |s| ledger::head(s.store(), &c))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?
+                .map_or(0, |h| h.seq + 1);
+            let answer = rpc::call(
+                &self.endpoint,
+                endpoint_id(&coordinator),
+                RequestBody::GetLedger { coordinator, from },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let Response::Ledger { entries } = answer else {
+                return Err(format!("unexpected answer: {answer:?}"));
+            };
+            if entries.is_empty() {
+                return Ok(total);
+            }
+            let n = entries.len();
+            let got = self
+                .state
+                .call(move |s| ledger::ingest(s.store(), &coordinator, &entries))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            total += got.stored;
+            if let Some(b) = got.broken {
+                let why = if got.equivocation {
+                    Rejection::Equivocation
+                } else {
+                    Rejection::Invalid
+                };
+                self.state
+                    .call(move |s| s.reject(coordinator, why))
+                    .await
+                    .ok();
+                return Err(format!("ledger of {}: {b}", coordinator.short()));
+            }
+            if got.stored == 0
+                || n < cohort_protocol::types::rpc::MAX_LEDGER_ENTRIES_PER_RESPONSE as usize
+            {
+                return Ok(total);
+            }
+        }
     }
 
     /// Signs and broadcasts an announcement on gossip.
@@ -884,6 +977,24 @@ pub struct BlobConnections {
     unreachable: BTreeSet<PeerId>,
 }
 
+impl BlobConnections {
+    /// No connections yet; `owner` is the provider of last resort (e.g. a datanet's owner).
+    pub fn new(owner: PeerId) -> Self {
+        Self {
+            owner,
+            open: BTreeMap::new(),
+            unreachable: BTreeSet::new(),
+        }
+    }
+
+    /// Closes every connection.
+    pub fn close(self) {
+        for c in self.open.into_values() {
+            c.close(0u32.into(), b"done");
+        }
+    }
+}
+
 /// Why a blob download failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -1151,6 +1262,114 @@ impl CohortProtocol {
                     Err(e) => internal(e),
                 }
             }
+            RequestBody::GetJob { job } => {
+                let spec = crate::rounds::volunteer::job_spec(&self.node, job).await;
+                // Only the owner answers for its jobs: volunteers hold specs too, but the
+                // owner is the one to ask.
+                let spec = spec.filter(|s| s.signer() == self.node.me());
+                Response::Job { spec }
+            }
+            RequestBody::GetRound { job } => match self.node.rounds.view(&job) {
+                Some(v) => Response::Round {
+                    open: v.open,
+                    assignment: v.assignment,
+                    last_close: v.last_close,
+                },
+                None => Response::Refused {
+                    reason: format!("this peer does not coordinate job {job}"),
+                },
+            },
+            RequestBody::Join { join } => {
+                let job = join.verify().map(|j| j.job);
+                match job {
+                    Ok(job) => match crate::rounds::coordinate::deliver(
+                        &self.node,
+                        &job,
+                        cohort_protocol::rounds::coordinator::CoordinatorEvent::Join(join),
+                    )
+                    .await
+                    {
+                        Ok(()) => Response::Accepted,
+                        Err(reason) => Response::Refused { reason },
+                    },
+                    Err(e) => {
+                        self.count(remote, Rejection::BadSignature).await;
+                        Response::Refused {
+                            reason: e.to_string(),
+                        }
+                    }
+                }
+            }
+            RequestBody::Commit { commit } => {
+                let job = commit.verify().map(|c| c.job);
+                match job {
+                    Ok(job) => match crate::rounds::coordinate::deliver(
+                        &self.node,
+                        &job,
+                        cohort_protocol::rounds::coordinator::CoordinatorEvent::Commit(commit),
+                    )
+                    .await
+                    {
+                        Ok(()) => Response::Accepted,
+                        Err(reason) => Response::Refused { reason },
+                    },
+                    Err(e) => {
+                        self.count(remote, Rejection::BadSignature).await;
+                        Response::Refused {
+                            reason: e.to_string(),
+                        }
+                    }
+                }
+            }
+            RequestBody::GetLedger { coordinator, from } => {
+                let entries = state
+                    .call(move |s| crate::rounds::ledger::chain(s.store(), &coordinator))
+                    .await;
+                match entries {
+                    Ok(Ok(chain)) => Response::Ledger {
+                        entries: chain
+                            .into_iter()
+                            .skip(usize::try_from(from).unwrap_or(usize::MAX))
+                            .take(
+                                cohort_protocol::types::rpc::MAX_LEDGER_ENTRIES_PER_RESPONSE
+                                    as usize,
+                            )
+                            .collect(),
+                    },
+                    Ok(Err(e)) => Response::Refused {
+                        reason: e.to_string(),
+                    },
+                    Err(e) => internal(e),
+                }
+            }
+            RequestBody::GetSnapshot { state: wanted } => {
+                match state
+                    .call(move |s| crate::rounds::get_snapshot(s.store(), &wanted))
+                    .await
+                {
+                    Ok(Ok(blob)) => Response::Snapshot { blob },
+                    Ok(Err(e)) => Response::Refused {
+                        reason: e.to_string(),
+                    },
+                    Err(e) => internal(e),
+                }
+            }
+            RequestBody::Jobs => {
+                let jobs = state.call(|s| crate::rounds::jobs(s.store())).await;
+                match jobs {
+                    Ok(Ok(all)) => Response::Jobs {
+                        jobs: all
+                            .into_iter()
+                            .filter(|(_, r)| r.role == crate::rounds::Role::Owner && !r.finished)
+                            .map(|(j, _)| j)
+                            .collect(),
+                    },
+                    Ok(Err(e)) => Response::Refused {
+                        reason: e.to_string(),
+                    },
+                    Err(e) => internal(e),
+                }
+            }
             RequestBody::Submit { submission } => {
                 let me = self.node.me();
                 match state
@@ -1325,7 +1544,13 @@ pub async fn run(config: NodeConfig, cancel: CancellationToken) -> Result<(), No
                 .collect(),
         ),
         neighbours: Mutex::new(BTreeSet::new()),
+        rounds: crate::rounds::Rounds::default(),
+        this: Mutex::new(std::sync::Weak::new()),
+        tasks: tokio_util::task::TaskTracker::new(),
+        cancel: cancel.child_token(),
     });
+    *lock(&node.this) = Arc::downgrade(&node);
+    node.rounds.set_policy(config.volunteer.clone());
 
     // Index and provide what this peer already holds.
     node.provide_local().await;
@@ -1363,6 +1588,14 @@ pub async fn run(config: NodeConfig, cancel: CancellationToken) -> Result<(), No
         }
     });
 
+    // Unfinished jobs this peer owns carry on; volunteers and ledgers catch up periodically.
+    crate::rounds::coordinate::resume_all(&node).await;
+    tasks.spawn(rounds_loop(
+        node.clone(),
+        config.sync_interval,
+        cancel.child_token(),
+    ));
+
     let addrs = endpoint.bound_sockets();
     let me = keypair.peer_id();
     let file = NodeFile {
@@ -1388,6 +1621,8 @@ pub async fn run(config: NodeConfig, cancel: CancellationToken) -> Result<(), No
 
     cancel.cancelled().await;
     eprintln!("shutting down");
+    node.tasks.close();
+    node.tasks.wait().await;
     while let Some(r) = tasks.join_next().await {
         if let Err(e) = r {
             tracing::warn!("task ended abnormally: {e}");
@@ -1443,7 +1678,10 @@ async fn provider_gate(
                 let hash = ContentHash::from_bytes(*msg.request.hash.as_bytes());
                 let allowed = match peers.get(&msg.connection_id).copied() {
                     Some(peer) if msg.request.ranges.is_blob() => state
-                        .call(move |s| s.may_serve(&hash, &peer).unwrap_or(false))
+                        .call(move |s| {
+                            s.may_serve(&hash, &peer).unwrap_or(false)
+                                || crate::rounds::is_public(s.store(), &hash).unwrap_or(false)
+                        })
                         .await
                         .unwrap_or(false),
                     _ => false,
@@ -1508,6 +1746,26 @@ async fn gossip_loop(
                 break;
             }
             None => break,
+        }
+    }
+}
+
+/// Periodic catch-up for rounds: volunteers look for jobs at known peers, and every known
+/// peer's ledger chain is pulled.
+async fn rounds_loop(node: Arc<Node>, interval: Duration, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        crate::rounds::volunteer::discover(&node).await;
+        for peer in node.known_peers() {
+            if let Err(e) = node.sync_ledger(peer).await {
+                tracing::debug!("ledger of {}: {e}", peer.short());
+            }
         }
     }
 }

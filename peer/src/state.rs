@@ -151,6 +151,12 @@ pub enum Rejection {
     /// A provider the DHT named that could not be reached or resolved for the hash it was
     /// said to provide (its record is dropped).
     StaleRecord,
+    /// A round message for a round or phase that is over, or from a peer not assigned.
+    OutOfRound,
+    /// An update that failed verification (shape, values, norm bound, spot check, availability).
+    BadUpdate,
+    /// Two different signed commits for one round.
+    Equivocation,
 }
 
 /// What ingesting a manifest did.

@@ -119,6 +119,14 @@ pub enum StoreError {
         /// The record's key.
         key: &'static str,
     },
+    /// A record does not decode.
+    #[error("metadata store {path}: a {key} record is malformed")]
+    Malformed {
+        /// The store's directory.
+        path: PathBuf,
+        /// What kind of record.
+        key: &'static str,
+    },
     /// The store belongs to another peer's key.
     #[error("metadata store {path} belongs to peer {stored}, but the key file is for peer {key}")]
     WrongPeer {

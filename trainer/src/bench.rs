@@ -90,6 +90,81 @@ pub struct TrainBench {
 
 /// Writes a GGUF file of a Llama with random F32 weights (tied embeddings, seeded).
 pub fn random_model(shape: &TrainShape, seed: u64, path: &std::path::Path) -> std::io::Result<()> {
+    random_model_writer(shape, seed).write(path)
+}
+
+/// GPT-2's byte-to-character map, from its definition: printable Latin-1 bytes stand for
+/// themselves, the other 68 bytes for code points 256, 257, ... in byte order.
+fn byte_char(b: u8) -> char {
+    let printable = |b: u8| {
+        (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+    };
+    if printable(b) {
+        return b as char;
+    }
+    let n = (0..b).filter(|x| !printable(*x)).count() as u32;
+    char::from_u32(256 + n).unwrap_or('?')
+}
+
+/// The vocabulary of [`tiny_chat_model`]: 256 byte tokens, 3 ChatML specials, 5 merges.
+pub const TINY_CHAT_VOCAB: usize = 256 + 3 + 5;
+
+/// Writes a tiny chat model for tests and `cohort demo --quick`: a random F32 Llama (2 layers,
+/// hidden 64) with a byte-level GPT-2 tokenizer (every byte a token, a few merges), ChatML
+/// specials and a ChatML chat template, so JSONL chat records train and generate end to end.
+pub fn tiny_chat_model(seed: u64, path: &std::path::Path) -> std::io::Result<()> {
+    use crate::gguf::Value;
+    let shape = TrainShape {
+        hidden: 64,
+        inter: 128,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        vocab: TINY_CHAT_VOCAB,
+        seq: 256,
+        batch: 1,
+        rank: 4,
+        targets: vec![],
+    };
+    let mut w = random_model_writer(&shape, seed);
+    let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+    let mut tokens: Vec<Value> = (0..=255u8)
+        .map(|b| Value::String(byte_char(b).to_string()))
+        .collect();
+    let mut types: Vec<Value> = vec![Value::I32(1); 256];
+    for s in specials {
+        tokens.push(Value::String(s.into()));
+        types.push(Value::I32(3));
+    }
+    let merges = ["Ġ t", "h e", "Ġt he", "i n", "a n"];
+    for m in merges {
+        tokens.push(Value::String(m.replace(' ', "")));
+        types.push(Value::I32(1));
+    }
+    w.metadata("tokenizer.ggml.model", Value::String("gpt2".into()))
+        .metadata("tokenizer.ggml.pre", Value::String("smollm".into()))
+        .metadata("tokenizer.ggml.tokens", Value::Array(tokens))
+        .metadata("tokenizer.ggml.token_type", Value::Array(types))
+        .metadata(
+            "tokenizer.ggml.merges",
+            Value::Array(merges.iter().map(|m| Value::String((*m).into())).collect()),
+        )
+        .metadata("tokenizer.ggml.bos_token_id", Value::U32(257))
+        .metadata("tokenizer.ggml.eos_token_id", Value::U32(258))
+        .metadata("tokenizer.ggml.padding_token_id", Value::U32(256))
+        .metadata(
+            "tokenizer.chat_template",
+            Value::String(
+                "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + \
+                 '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}\
+                 {{ '<|im_start|>assistant\n' }}{% endif %}"
+                    .into(),
+            ),
+        );
+    w.write(path)
+}
+
+fn random_model_writer(shape: &TrainShape, seed: u64) -> crate::gguf::write::GgufWriter {
     use crate::gguf::write::GgufWriter;
     use crate::gguf::{GgmlType, Value};
     let mut rng = cohort_protocol::rng::SplitMix64::new(seed);
@@ -156,7 +231,7 @@ pub fn random_model(shape: &TrainShape, seed: u64, path: &std::path::Path) -> st
         GgmlType::F32,
         &vec![1.0; h],
     );
-    w.write(path)
+    w
 }
 
 /// LoRA training throughput on a random model of `shape`: `warmup` steps, then `steps` timed

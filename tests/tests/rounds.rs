@@ -1,0 +1,309 @@
+//! Federated rounds across real `cohort up` processes on loopback, with a tiny generated model:
+//! one coordinator and six volunteers (three of them send a NaN, an oversized and a made-up
+//! update) run a two-round job;
+//! a volunteer killed after enrolling does not stop its round; the coordinator, killed with
+//! SIGKILL in the middle of round 1 and restarted, finishes the job; `cohort ledger verify`
+//! passes on every peer and fails on a tampered entry.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use cohort_tests::{Node, cohort, success, wait_until};
+use serde_json::Value;
+
+/// Chat records that teach facts about made-up places, so the loss has something to learn.
+fn write_facts(path: &std::path::Path, n: usize) {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create(path).unwrap();
+    for i in 0..n {
+        writeln!(
+            f,
+            r#"{{"messages":[{{"role":"user","content":"Where is the harbour of Velm{i}?"}},{{"role":"assistant","content":"The harbour of Velm{i} is on the east side of the bay."}}]}}"#
+        )
+        .unwrap();
+    }
+}
+
+fn job_status(node: &Node, job: &str) -> Value {
+    node.json(&["job", "status", job])
+}
+
+fn phase_of(node: &Node, job: &str) -> Option<(u64, String)> {
+    let out = node.cmd().args(["--json", "job", "list"]).output().ok()?;
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["jobs"].as_array()?.iter().find_map(|j| {
+        (j["job"].as_str() == Some(job)).then(|| {
+            (
+                j["status"]["round"].as_u64().unwrap_or(0),
+                j["status"]["phase"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+    })
+}
+
+fn verdict<'a>(round: &'a Value, peer: &str) -> Option<&'a Value> {
+    round["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["worker"] == peer)
+}
+
+#[test]
+fn a_federated_job_survives_dropouts_bad_updates_and_a_coordinator_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny.gguf");
+    success(
+        cohort(&tmp.path().join("unused"))
+            .args(["model", "tiny"])
+            .arg(&model)
+            .output()
+            .unwrap(),
+    );
+
+    // The data owner, who also coordinates the job.
+    let mut a = Node::start(&tmp.path().join("a"), &[]);
+    a.json(&["datanet", "create", "velmora", "--schema", "chat"]);
+    let file = tmp.path().join("facts.jsonl");
+    write_facts(&file, 160);
+    let added = a.json(&[
+        "datanet",
+        "add",
+        "velmora",
+        file.to_str().unwrap(),
+        "--shard-bytes",
+        "3000",
+    ]);
+    assert!(added["shards"].as_array().unwrap().len() >= 5, "{added}");
+    a.json(&["datanet", "publish", "velmora"]);
+
+    let boot = a.bootstrap.clone();
+    let v1 = Node::start(
+        &tmp.path().join("v1"),
+        &["--bootstrap", &boot, "--volunteer"],
+    );
+    let v2 = Node::start(
+        &tmp.path().join("v2"),
+        &["--bootstrap", &boot, "--volunteer"],
+    );
+    let mut v3 = Node::start(
+        &tmp.path().join("v3"),
+        &["--bootstrap", &boot, "--volunteer"],
+    );
+    let bad = Node::start(
+        &tmp.path().join("bad"),
+        &[
+            "--bootstrap",
+            &boot,
+            "--volunteer",
+            "--volunteer-fault",
+            "nan",
+        ],
+    );
+    let big = Node::start(
+        &tmp.path().join("big"),
+        &[
+            "--bootstrap",
+            &boot,
+            "--volunteer",
+            "--volunteer-fault",
+            "oversized",
+        ],
+    );
+    let liar = Node::start(
+        &tmp.path().join("liar"),
+        &[
+            "--bootstrap",
+            &boot,
+            "--volunteer",
+            "--volunteer-fault",
+            "made-up",
+        ],
+    );
+
+    // Bad values are refused before anything starts, naming the field.
+    let err = a.fails(&[
+        "job",
+        "create",
+        "--datanet",
+        "velmora",
+        "--model",
+        model.to_str().unwrap(),
+        "--rank",
+        "0",
+    ]);
+    assert!(err.contains("adapter.rank"), "{err}");
+
+    let created = a.json(&[
+        "job",
+        "create",
+        "--name",
+        "velmora-facts",
+        "--datanet",
+        "velmora",
+        "--model",
+        model.to_str().unwrap(),
+        "--rank",
+        "4",
+        "--targets",
+        "q_proj,v_proj,down_proj",
+        "--learning-rate",
+        "0.01",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "64",
+        "--rounds",
+        "2",
+        "--min-updates",
+        "2",
+        "--max-workers",
+        "8",
+        "--enroll-secs",
+        "5",
+        "--train-secs",
+        "40",
+        "--validate-secs",
+        "120",
+        "--segment-steps",
+        "2",
+        "--audit-rate",
+        "1",
+        "--validation-fraction",
+        "0.1",
+    ]);
+    let job = created["job"].as_str().unwrap().to_owned();
+
+    // v3 enrols in round 0, then dies before it can train.
+    wait_until("v3 to join round 0", Duration::from_secs(60), || {
+        phase_of(&v3, &job).filter(|(r, p)| *r == 0 && p == "joined")
+    });
+    v3.kill();
+
+    // Round 0 closes at its commit deadline with the updates that did arrive.
+    let status = wait_until("round 0 to close", Duration::from_secs(180), || {
+        let s = job_status(&a, &job);
+        (s["closed_rounds"].as_array().is_some_and(|r| !r.is_empty())).then_some(s)
+    });
+    let r0 = &status["closed_rounds"][0];
+    assert_eq!(r0["outcome"], "Merged", "{status}\n{}", a.logs());
+    for v in [&v1, &v2] {
+        assert_eq!(verdict(r0, &v.id).unwrap()["rejected"], Value::Null, "{r0}");
+    }
+    assert_eq!(
+        verdict(r0, &bad.id).unwrap()["rejected"],
+        "NonFinite",
+        "{r0}"
+    );
+    assert_eq!(
+        verdict(r0, &big.id).unwrap()["rejected"],
+        "NormBound",
+        "{r0}"
+    );
+    let lie = verdict(r0, &liar.id).unwrap()["rejected"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(lie.starts_with("SpotCheckMismatch"), "{r0}");
+    assert!(verdict(r0, &v3.id).is_none(), "{r0}");
+    let before = r0["validation_loss_before"].as_f64().unwrap();
+    let after = r0["validation_loss_after"].as_f64().unwrap();
+    assert!(
+        after < before,
+        "round 0 did not improve validation: {before} -> {after}"
+    );
+
+    // The coordinator dies in round 1 and comes back on the same address.
+    wait_until("round 1 to open", Duration::from_secs(60), || {
+        phase_of(&a, &job).filter(|(r, _)| *r == 1)
+    });
+    let addr = a.addr.clone();
+    a.kill();
+    let a = Node::start(&tmp.path().join("a"), &["--bind", &addr]);
+    assert!(a.logs().contains("resuming job"), "{}", a.logs());
+    let status = wait_until("the job to finish", Duration::from_secs(240), || {
+        let s = job_status(&a, &job);
+        (s["finished"] == true).then_some(s)
+    });
+    let rounds = status["closed_rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2, "{status}");
+    assert_eq!(rounds[1]["outcome"], "Merged", "{status}\n{}", a.logs());
+    assert_eq!(
+        verdict(&rounds[1], &bad.id).unwrap()["rejected"],
+        "NonFinite"
+    );
+
+    // Every peer pulls the coordinator's chain and verifies it.
+    for peer in [&a, &v1, &v2, &bad, &big, &liar] {
+        wait_until(
+            "the ledger to reach every peer",
+            Duration::from_secs(60),
+            || {
+                let l = peer.json(&["ledger", "show"]);
+                let n = l["chains"]
+                    .as_array()?
+                    .iter()
+                    .find(|c| c["coordinator"] == a.id.as_str())?["entries"]
+                    .as_array()?
+                    .len();
+                (n == 2).then_some(())
+            },
+        );
+        let out = peer.cmd().args(["ledger", "verify"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ledger verify on {}: {}{}",
+            peer.id,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ledger = v1.json(&["ledger", "show"]);
+    let totals = &ledger["totals"];
+    assert!(
+        totals["volunteer_tokens"][&v1.id].as_u64().unwrap() > 0,
+        "{totals}"
+    );
+    for cheat in [&bad, &big, &liar] {
+        assert_eq!(totals["volunteer_failed_updates"][&cheat.id], 2, "{totals}");
+        assert!(
+            totals["volunteer_tokens"].get(&cheat.id).is_none(),
+            "{totals}"
+        );
+    }
+    let owner_credit: f64 = totals["contributors"][&a.id]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(owner_credit > 0.0, "{totals}");
+
+    // A tampered entry fails verification, loudly.
+    let mut v1 = v1;
+    v1.stop();
+    tamper_first_entry(&v1.dir);
+    let v1 = Node::start(&v1.dir, &["--bootstrap", &a.bootstrap]);
+    let out = v1.cmd().args(["ledger", "verify"]).output().unwrap();
+    assert!(!out.status.success(), "a tampered ledger verified");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("FAIL"), "{text}");
+}
+
+/// Flips one byte of the signature of the first stored ledger entry, in the node's store.
+fn tamper_first_entry(dir: &std::path::Path) {
+    use cohort_peer::data_dir::DataDir;
+    use cohort_peer::store::{Batch, Cf};
+    let d = DataDir::new(dir);
+    let store = d.open_store(&d.keypair().unwrap()).unwrap();
+    let (key, mut value) = store
+        .scan_prefix(Cf::Ledger, &[])
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k.len() == 40)
+        .expect("a stored entry");
+    let n = value.len();
+    value[n - 10] ^= 0x40;
+    let mut b = Batch::default();
+    store.put(&mut b, Cf::Ledger, &key, &value);
+    store.write(b).unwrap();
+}
