@@ -32,6 +32,8 @@ type AppState = Arc<Node>;
 
 /// The API's routes with the dashboard merged in.
 pub fn app(node: Arc<Node>) -> Router {
+    let source: Arc<dyn crate::openai::AdapterSource> =
+        Arc::new(crate::rounds::NodeAdapters(Arc::downgrade(&node)));
     Router::new()
         .route("/api/status", get(status))
         .route("/api/datanets", get(list).post(create))
@@ -59,8 +61,9 @@ pub fn app(node: Arc<Node>) -> Router {
         .merge(cohort_gui_lite::router())
         .with_state(node)
         // The OpenAI-compatible API; models load on the first request that names them.
-        .merge(crate::openai::router(crate::openai::OpenAi::lazy(
+        .merge(crate::openai::router(crate::openai::OpenAi::with_source(
             crate::openai::ServeOptions::default(),
+            Some(source),
         )))
 }
 
@@ -1059,8 +1062,73 @@ async fn list_jobs(State(node): State<AppState>) -> ApiResult {
     Ok(Json(json!({ "jobs": jobs })))
 }
 
+/// A job this peer takes no part in, known from a ledger entry: its spec, from its coordinator.
+async fn remote_job(node: &Node, given: &str) -> Result<Value, ApiError> {
+    let prefix = given.to_ascii_lowercase();
+    let found = node
+        .state
+        .call(move |s| -> Result<_, crate::store::StoreError> {
+            use crate::rounds::ledger;
+            for c in ledger::coordinators(s.store())? {
+                for e in ledger::chain(s.store(), &c)? {
+                    if let Ok(p) = e.verify()
+                        && p.job.to_string().starts_with(&prefix)
+                    {
+                        return Ok(Some((p.job, p.coordinator)));
+                    }
+                }
+            }
+            Ok(None)
+        })
+        .await?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let Some((job, coordinator)) = found.filter(|_| !given.is_empty()) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no job `{given}` here or in the ledger"),
+        ));
+    };
+    let answer = crate::rpc::call(
+        &node.endpoint,
+        endpoint_id(&coordinator),
+        RequestBody::GetJob { job },
+    )
+    .await
+    .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    let spec = match answer {
+        RpcResponse::Job { spec: Some(spec) }
+            if spec.signer() == coordinator && cohort_protocol::types::JobId::of(&spec) == job =>
+        {
+            spec
+        }
+        other => {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("the coordinator did not answer with the job's spec: {other:?}"),
+            ));
+        }
+    };
+    let p = spec
+        .verify()
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    Ok(json!({
+        "job": job.to_string(),
+        "owner": coordinator.to_string(),
+        "role": Value::Null,
+        "name": p.name,
+        "rounds": p.rounds,
+        "base_model": p.base_model.to_string(),
+    }))
+}
+
 async fn show_job(State(node): State<AppState>, Path(given): Path<String>) -> ApiResult {
-    let (job, record) = resolve_job(&node, &given).await?;
+    let (job, record) = match resolve_job(&node, &given).await {
+        Ok(found) => found,
+        Err(e) if e.status == StatusCode::NOT_FOUND => {
+            return remote_job(&node, &given).await.map(Json);
+        }
+        Err(e) => return Err(e),
+    };
     let closes = node
         .state
         .call(move |s| crate::rounds::closes(s.store(), &job))

@@ -149,9 +149,10 @@ impl Client {
         if (200..300).contains(&status) {
             Ok(value)
         } else {
+            // The node's API says `{"error": "..."}`; the OpenAI routes `{"error": {"message"}}`.
             let message = value
                 .get("error")
-                .and_then(|e| e.as_str())
+                .and_then(|e| e.as_str().or_else(|| e["message"].as_str()))
                 .map(str::to_owned)
                 .unwrap_or_else(|| format!("HTTP {status}: {value}"));
             Err(ClientError::Api { status, message })

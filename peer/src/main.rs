@@ -797,6 +797,64 @@ fn datanet(cli: &Cli, command: &DatanetCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `cohort chat --job J`: the job's merged adapter (and with `--compare` the base) answering
+/// one prompt through the running node's OpenAI-compatible API.
+fn chat_job(cli: &Cli, args: &model_cli::ChatArgs) -> anyhow::Result<()> {
+    let c = client(cli)?;
+    let job = args.job.as_deref().unwrap_or_default();
+    let info = c.get(&format!("/api/jobs/{}", enc(job)))?;
+    let base = st(&info["base_model"]).to_owned();
+    let job_id = st(&info["job"]).to_owned();
+    let adapter = match args.round {
+        None => job_id.clone(),
+        Some(r) => {
+            let ledger = c.get("/api/ledger")?;
+            ledger["chains"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|ch| ch["entries"].as_array().into_iter().flatten())
+                .find(|e| e["job"] == job_id.as_str() && e["round"] == r)
+                .and_then(|e| e["merged_adapter"].as_str().map(str::to_owned))
+                .with_context(|| {
+                    format!("no merged adapter for round {r} of job {job_id} in the ledger")
+                })?
+        }
+    };
+    let mut messages = Vec::new();
+    if let Some(sys) = &args.system {
+        messages.push(json!({ "role": "system", "content": sys }));
+    }
+    messages.push(json!({ "role": "user", "content": args.prompt.clone().unwrap_or_default() }));
+    let ask = |model: &str| -> anyhow::Result<String> {
+        let v = c.post(
+            "/v1/chat/completions",
+            &json!({ "model": model, "messages": messages, "temperature": 0, "max_tokens": 128 }),
+        )?;
+        Ok(st(&v["choices"][0]["message"]["content"]).to_owned())
+    };
+    let tuned = ask(&format!("{base}:{adapter}"))?;
+    if args.compare {
+        let plain = ask(&base)?;
+        if cli.json {
+            println!(
+                "{}",
+                json!({ "base": plain, "adapter": tuned, "model": format!("{base}:{adapter}") })
+            );
+        } else {
+            println!("base:    {plain}\nadapter: {tuned}");
+        }
+    } else if cli.json {
+        println!(
+            "{}",
+            json!({ "adapter": tuned, "model": format!("{base}:{adapter}") })
+        );
+    } else {
+        println!("{tuned}");
+    }
+    Ok(())
+}
+
 fn job(cli: &Cli, command: &JobCommand) -> anyhow::Result<()> {
     let c = client(cli)?;
     match command {
@@ -1019,6 +1077,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Model { command } => model_cli::model(command)?,
+        Command::Chat(args) if args.job.is_some() => chat_job(&cli, args)?,
         Command::Chat(args) => model_cli::chat(args)?,
         Command::Perplexity(args) => model_cli::perplexity(args)?,
         Command::Train(args) => model_cli::train(args)?,

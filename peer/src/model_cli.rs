@@ -76,10 +76,20 @@ pub struct ChatArgs {
     model: String,
     /// Answer this one prompt and exit (otherwise: an interactive chat on the terminal).
     #[arg(long)]
-    prompt: Option<String>,
+    pub(crate) prompt: Option<String>,
     /// A system message.
     #[arg(long)]
-    system: Option<String>,
+    pub(crate) system: Option<String>,
+    /// Chat with a federated job's merged adapter through the running node (the latest round's,
+    /// or `--round`'s); the node fetches it by hash if it does not hold it. Needs `--prompt`.
+    #[arg(long, requires = "prompt", conflicts_with_all = ["adapter", "model"])]
+    pub(crate) job: Option<String>,
+    /// With `--job`: this round's adapter instead of the latest.
+    #[arg(long, requires = "job")]
+    pub(crate) round: Option<u32>,
+    /// With `--job`: answer with the base model too, for comparison.
+    #[arg(long, requires = "job")]
+    pub(crate) compare: bool,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
     /// Print tokens/s and peak memory to stderr after each answer.

@@ -12,7 +12,11 @@
 //!
 //! Model ids: a base model (`smollm2-135m-instruct`, a file name in the model cache, or the
 //! file's BLAKE3 hash) or `BASE:ADAPTER`, where `ADAPTER` is a directory holding a PEFT adapter
-//! (`adapter_config.json` + `adapter_model.safetensors`).
+//! (`adapter_config.json` + `adapter_model.safetensors`). On a node (`cohort up`) an
+//! [`AdapterSource`] also resolves `ADAPTER` given as an adapter's blob hash or as a job (its
+//! latest merged adapter, from the ledger): the node finds a provider through content routing,
+//! fetches the bundle over iroh-blobs (verified against its hash as it arrives) and unpacks it;
+//! and a base given by hash that the node holds as a blob (a job's base model).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -219,10 +223,32 @@ struct CachedAdapter {
     last_used: u64,
 }
 
+/// Where a node finds what a model id names beyond local files: adapters by blob hash or by job,
+/// and base models by hash.
+pub trait AdapterSource: Send + Sync + std::fmt::Debug {
+    /// The local directory of the PEFT adapter `name` (an adapter's blob hash or a job id),
+    /// fetched and unpacked if needed; `Ok(None)` when `name` is neither.
+    fn adapter<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Option<PathBuf>, String>> + Send + 'a>>;
+    /// The local file of base model `hash`, if this node holds it.
+    fn base(&self, hash: &str) -> Option<PathBuf>;
+    /// Fetches base model `hash` from the network if this node does not hold it; `Ok(None)`
+    /// when `hash` is not a hash.
+    fn fetch_base<'a>(
+        &'a self,
+        hash: &'a str,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Option<PathBuf>, String>> + Send + 'a>>;
+}
+
 /// The server's state.
 #[derive(Debug)]
 pub struct OpenAi {
     options: ServeOptions,
+    source: Option<Arc<dyn AdapterSource>>,
+    /// Adapter names resolved by the source: name -> local directory.
+    resolved: Mutex<HashMap<String, PathBuf>>,
     bases: Mutex<HashMap<String, Arc<Base>>>,
     adapters: Mutex<HashMap<String, CachedAdapter>>,
     clock: AtomicU64,
@@ -309,8 +335,18 @@ fn now_secs() -> u64 {
 impl OpenAi {
     /// The server, loading every model on first use.
     pub fn lazy(options: ServeOptions) -> Arc<OpenAi> {
+        Self::with_source(options, None)
+    }
+
+    /// [`OpenAi::lazy`] with a node's [`AdapterSource`] for adapters and bases by hash.
+    pub fn with_source(
+        options: ServeOptions,
+        source: Option<Arc<dyn AdapterSource>>,
+    ) -> Arc<OpenAi> {
         Arc::new(OpenAi {
             slots: Arc::new(Semaphore::new(options.parallel.max(1))),
+            source,
+            resolved: Mutex::new(HashMap::new()),
             options,
             bases: Mutex::new(HashMap::new()),
             adapters: Mutex::new(HashMap::new()),
@@ -364,7 +400,13 @@ impl OpenAi {
         {
             return Ok(b.clone());
         }
-        let path = models::resolve(spec).map_err(|e| ApiError::not_found(spec, e))?;
+        let path = match models::resolve(spec) {
+            Ok(p) => p,
+            Err(e) => match self.source.as_ref().and_then(|s| s.base(spec)) {
+                Some(p) => p,
+                None => return Err(ApiError::not_found(spec, e)),
+            },
+        };
         let info = models::inspect(&path).map_err(|e| ApiError::not_found(spec, e))?;
         let hash = info.hash.to_string();
         if let Some(b) = self.lock_bases().get(&hash) {
@@ -406,8 +448,53 @@ impl OpenAi {
             return Ok((self.base(model)?, None));
         };
         let base = self.base(base)?;
-        let adapter = self.adapter(&base, model, Path::new(adapter))?;
+        let dir = self
+            .resolved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(adapter)
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from(adapter));
+        let adapter = self.adapter(&base, model, &dir)?;
         Ok((base, Some(adapter)))
+    }
+
+    /// Lets the node's source fetch what `model` names before the (blocking) resolution: an
+    /// adapter that is not a local directory is looked up as a blob hash or a job.
+    async fn fetch_named(&self, model: &str) -> Result<(), ApiError> {
+        let Some(source) = &self.source else {
+            return Ok(());
+        };
+        let base = model.split_once(':').map_or(model, |(b, _)| b);
+        if base.len() == 64 && models::resolve(base).is_err() && source.base(base).is_none() {
+            source
+                .fetch_base(base)
+                .await
+                .map_err(|e| ApiError::not_found(model, e))?;
+        }
+        let Some((_, adapter)) = model.split_once(':') else {
+            return Ok(());
+        };
+        if Path::new(adapter).is_dir()
+            || self
+                .resolved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(adapter)
+        {
+            return Ok(());
+        }
+        match source.adapter(adapter).await {
+            Ok(Some(dir)) => {
+                self.resolved
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(adapter.to_owned(), dir);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(ApiError::not_found(model, e)),
+        }
     }
 
     fn adapter(
@@ -767,6 +854,9 @@ async fn get_model(
     if let Err(e) = s.check_key(&headers) {
         return e.into_response();
     }
+    if let Err(e) = s.fetch_named(&id).await {
+        return e.into_response();
+    }
     let s2 = s.clone();
     let id2 = id.clone();
     match tokio::task::spawn_blocking(move || s2.resolve(&id2)).await {
@@ -954,6 +1044,16 @@ async fn handle(
     let started = Instant::now();
     let route = kind.route();
     if let Err(e) = s.check_key(&headers) {
+        s.metrics.request(route, e.status.as_u16());
+        return e.into_response();
+    }
+    // The model field is read once more here, only to let the node fetch a named adapter.
+    let named = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["model"].as_str().map(str::to_owned));
+    if let Some(model) = named
+        && let Err(e) = s.fetch_named(&model).await
+    {
         s.metrics.request(route, e.status.as_u16());
         return e.into_response();
     }

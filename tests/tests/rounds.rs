@@ -3,12 +3,14 @@
 //! update) run a two-round job;
 //! a volunteer killed after enrolling does not stop its round; the coordinator, killed with
 //! SIGKILL in the middle of round 1 and restarted, finishes the job; `cohort ledger verify`
-//! passes on every peer and fails on a tampered entry.
+//! passes on every peer and fails on a tampered entry. Two consumers that took no part serve
+//! the job's merged adapter: one fetches it by hash from the coordinator and answers through
+//! the OpenAI-compatible API (`cohort chat --job`), the other refuses a tampered copy.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
-use cohort_tests::{Node, cohort, success, wait_until};
+use cohort_tests::{Node, cohort, http, success, wait_until};
 use serde_json::Value;
 
 /// Chat records that teach facts about made-up places, so the loss has something to learn.
@@ -120,6 +122,9 @@ fn a_federated_job_survives_dropouts_bad_updates_and_a_coordinator_restart() {
             "made-up",
         ],
     );
+    // Consumers: not volunteers, they only use the result.
+    let consumer = Node::start(&tmp.path().join("consumer"), &["--bootstrap", &boot]);
+    let wary = Node::start(&tmp.path().join("wary"), &["--bootstrap", &boot]);
 
     // Bad values are refused before anything starts, naming the field.
     let err = a.fails(&[
@@ -143,10 +148,12 @@ fn a_federated_job_survives_dropouts_bad_updates_and_a_coordinator_restart() {
         "velmora",
         "--model",
         model.to_str().unwrap(),
+        // Rank 8 on every projection: the merged adapter (64 KiB) is stored as a file, which
+        // the tamper test below corrupts.
         "--rank",
-        "4",
+        "8",
         "--targets",
-        "q_proj,v_proj,down_proj",
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         "--learning-rate",
         "0.01",
         "--batch-size",
@@ -234,7 +241,7 @@ fn a_federated_job_survives_dropouts_bad_updates_and_a_coordinator_restart() {
     );
 
     // Every peer pulls the coordinator's chain and verifies it.
-    for peer in [&a, &v1, &v2, &bad, &big, &liar] {
+    for peer in [&a, &v1, &v2, &bad, &big, &liar, &consumer, &wary] {
         wait_until(
             "the ledger to reach every peer",
             Duration::from_secs(60),
@@ -278,6 +285,54 @@ fn a_federated_job_survives_dropouts_bad_updates_and_a_coordinator_restart() {
         .unwrap();
     assert!(owner_credit > 0.0, "{totals}");
 
+    // A consumer that took no part chats with the job's latest merged adapter: it learns the
+    // job from the ledger, its spec from the coordinator, and fetches the base model and the
+    // adapter by hash.
+    let answer = consumer.json(&[
+        "chat",
+        "--job",
+        &job[..16],
+        "--prompt",
+        "Where is the harbour of Velm7?",
+        "--compare",
+    ]);
+    let final_adapter = rounds[1]["merged_adapter"].as_str().unwrap().to_owned();
+    assert!(
+        answer["model"].as_str().unwrap().ends_with(&job),
+        "{answer}"
+    );
+    assert!(
+        answer["adapter"].is_string() && answer["base"].is_string(),
+        "{answer}"
+    );
+    let base = status["base_model"].as_str().unwrap().to_owned();
+    let (code, _, body) = openai(&consumer, &format!("{base}:{final_adapter}"));
+    assert_eq!(code, 200, "{body}");
+
+    // The coordinator's copy of the final adapter rots on disk; the other consumer, for whom the
+    // coordinator is the only provider, refuses the bytes and says so.
+    let mut a = a;
+    let a_bind = a.addr.clone();
+    a.stop();
+    let blob = tmp
+        .path()
+        .join("a/blobs/data")
+        .join(format!("{final_adapter}.data"));
+    let mut bytes = std::fs::read(&blob).unwrap_or_else(|e| panic!("{}: {e}", blob.display()));
+    let mid = bytes.len() / 2;
+    for x in &mut bytes[mid..mid + 64] {
+        *x ^= 0xff;
+    }
+    std::fs::write(&blob, &bytes).unwrap();
+    let a = Node::start(&tmp.path().join("a"), &["--bind", &a_bind]);
+    let (code, _, body) = openai(&wary, &format!("{base}:{final_adapter}"));
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("no provider served it"), "{body}");
+    let counts = wary.json(&["status"])["rejected"][&a.id].clone();
+    let penalised =
+        counts["bad_shard"].as_u64().unwrap_or(0) + counts["failed_transfer"].as_u64().unwrap_or(0);
+    assert!(penalised >= 1, "{counts}\n{body}");
+
     // A tampered entry fails verification, loudly.
     let mut v1 = v1;
     v1.stop();
@@ -287,6 +342,27 @@ fn a_federated_job_survives_dropouts_bad_updates_and_a_coordinator_restart() {
     assert!(!out.status.success(), "a tampered ledger verified");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("FAIL"), "{text}");
+}
+
+/// One chat completion on a node's OpenAI-compatible API.
+fn openai(node: &Node, model: &str) -> (u16, Vec<(String, String)>, String) {
+    let info: Value =
+        serde_json::from_str(&std::fs::read_to_string(node.dir.join("node.json")).unwrap())
+            .unwrap();
+    let addr = info["http"].as_str().unwrap().to_owned();
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Where is the harbour of Velm7?"}],
+        "max_tokens": 8,
+        "temperature": 0,
+    });
+    http(
+        &addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(&body.to_string()),
+    )
 }
 
 /// Flips one byte of the signature of the first stored ledger entry, in the node's store.

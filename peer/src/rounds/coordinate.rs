@@ -215,6 +215,9 @@ pub async fn create_job(node: &Arc<Node>, req: CreateJob) -> Result<JobId, Strin
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     node.provide_own(&[base_model]).await;
+    if let Err(e) = node.announce_provides(vec![base_model]).await {
+        tracing::debug!("announcing the base model: {e}");
+    }
 
     let mut spec = JobSpec {
         name: req.name.clone(),

@@ -341,3 +341,106 @@ pub fn groups_of(shards: &[(ContentHash, Vec<String>)]) -> Result<Vec<u32>, Stri
         .map(|g| g.into_iter().map(|x| x as u32).collect())
         .map_err(|e| e.to_string())
 }
+
+/// The node as the OpenAI API's [`crate::openai::AdapterSource`]: adapters by blob hash (found
+/// through content routing, fetched over iroh-blobs) or by job (its latest merged adapter in
+/// the ledger), and base models this node holds as blobs.
+#[derive(Debug)]
+pub struct NodeAdapters(pub std::sync::Weak<crate::node::Node>);
+
+impl NodeAdapters {
+    async fn resolve(&self, name: &str) -> Result<Option<std::path::PathBuf>, String> {
+        let node = self.0.upgrade().ok_or("the node is shutting down")?;
+        let name = name.to_ascii_lowercase();
+        if name.len() < 8 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(None);
+        }
+        // A job (by id or unique prefix) names its latest merged adapter, which its coordinator
+        // holds; an adapter hash is looked up through content routing alone.
+        let (hash, hint) = match latest_adapter(&node, &name).await? {
+            Some((h, coordinator)) => (h, Some(coordinator)),
+            None => match name.parse::<ContentHash>() {
+                Ok(h) => (h, None),
+                Err(_) => return Ok(None),
+            },
+        };
+        let root = node.data_dir.root().join("adapters");
+        std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+        let dir = work::unpacked(&node, &hash, hint, &root).await?;
+        Ok(Some(dir))
+    }
+}
+
+/// The merged adapter of the latest merged round of the job named by `name` (an id or a unique
+/// prefix), or the adapter whose hash `name` is, with the coordinator that published it, from
+/// any ledger chain this node holds.
+pub async fn latest_adapter(
+    node: &crate::node::Node,
+    name: &str,
+) -> Result<Option<(ContentHash, cohort_protocol::PeerId)>, String> {
+    let name = name.to_owned();
+    node.state
+        .call(
+            move |s| -> Result<Option<(ContentHash, cohort_protocol::PeerId)>, StoreError> {
+                let mut best: Option<(JobId, u32, ContentHash, cohort_protocol::PeerId)> = None;
+                for c in ledger::coordinators(s.store())? {
+                    for e in ledger::chain(s.store(), &c)? {
+                        let Ok(p) = e.verify() else { continue };
+                        let Some(adapter) = p.merged_adapter else {
+                            continue;
+                        };
+                        // An adapter named by its own hash: its coordinator holds it.
+                        if adapter.to_string() == name {
+                            return Ok(Some((adapter, p.coordinator)));
+                        }
+                        if !p.job.to_string().starts_with(&name) {
+                            continue;
+                        }
+                        if best.is_none_or(|(j, r, _, _)| j == p.job && p.round > r) {
+                            best = Some((p.job, p.round, adapter, p.coordinator));
+                        }
+                    }
+                }
+                Ok(best.map(|(_, _, h, c)| (h, c)))
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+impl crate::openai::AdapterSource for NodeAdapters {
+    fn adapter<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> std::pin::Pin<
+        Box<dyn Future<Output = Result<Option<std::path::PathBuf>, String>> + Send + 'a>,
+    > {
+        Box::pin(self.resolve(name))
+    }
+
+    fn fetch_base<'a>(
+        &'a self,
+        hash: &'a str,
+    ) -> std::pin::Pin<
+        Box<dyn Future<Output = Result<Option<std::path::PathBuf>, String>> + Send + 'a>,
+    > {
+        Box::pin(async move {
+            let node = self.0.upgrade().ok_or("the node is shutting down")?;
+            let Ok(h) = hash.parse::<ContentHash>() else {
+                return Ok(None);
+            };
+            work::model_path(&node, &h, None).await.map(Some)
+        })
+    }
+
+    fn base(&self, hash: &str) -> Option<std::path::PathBuf> {
+        let node = self.0.upgrade()?;
+        let path = node
+            .data_dir
+            .root()
+            .join("models")
+            .join(format!("{}.gguf", hash.to_ascii_lowercase()));
+        path.is_file().then_some(path)
+    }
+}

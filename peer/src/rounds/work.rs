@@ -86,6 +86,16 @@ pub async fn add_public(
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     node.provide_own(&[hash]).await;
+    // Base models, validation sets and merged adapters are what other peers ask for by hash
+    // alone: tell the gossip neighbours too (updates and snapshots go to the coordinator, which
+    // knows whom to ask).
+    if matches!(
+        kind,
+        BlobKind::Model | BlobKind::Validation | BlobKind::Adapter
+    ) && let Err(e) = node.announce_provides(vec![hash]).await
+    {
+        tracing::debug!("announcing {hash}: {e}");
+    }
     Ok(hash)
 }
 
