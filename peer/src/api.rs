@@ -188,7 +188,19 @@ async fn status(State(node): State<AppState>) -> ApiResult {
         "dht": dht,
         "rejected": rejected,
         "rejected_total": total,
+        "traffic": traffic(&node),
     })))
+}
+
+/// Bytes this node's iroh endpoint sent and received since it started (UDP payloads: gossip,
+/// blobs and cohort/1 alike; the DHT's TCP traffic is not included).
+fn traffic(node: &Node) -> Value {
+    let m = &node.endpoint.metrics().socket;
+    json!({
+        "sent_bytes": m.send_ipv4.get() + m.send_ipv6.get() + m.send_relay.get(),
+        "received_bytes": m.recv_data_ipv4.get() + m.recv_data_ipv6.get()
+            + m.recv_data_relay.get() + m.recv_data_custom.get(),
+    })
 }
 
 fn schema_name(s: RecordSchema) -> &'static str {
@@ -1216,8 +1228,7 @@ async fn volunteer_set(
     node.rounds.set_policy(b.enabled.then(|| b.policy.clone()));
     if b.enabled {
         let n = node.clone();
-        node.tasks
-            .spawn(async move { crate::rounds::volunteer::discover(&n).await });
+        node.spawn(async move { crate::rounds::volunteer::discover(&n).await });
     }
     volunteer_get(State(node)).await
 }

@@ -11,6 +11,9 @@
 //!   Reports latency and Kademlia requests per lookup, against log2(N).
 //! - `publish`: N nodes joined through one owner; time from `publish` until every other node
 //!   holds the new manifest (gossip announcement, then a pull over cohort/1).
+//! - `round`: an owner and N volunteers run one federated round on a real model: wall time of
+//!   the round, bytes each peer's endpoint sent and received, validation loss, and the merge
+//!   error of the exact merge against naive averaging of A and B on the round's own updates.
 #![allow(clippy::print_stdout)]
 
 use std::path::{Path, PathBuf};
@@ -700,5 +703,186 @@ pub fn serve(
         }
     }
     println!("{}", json!({ "results": results }));
+    Ok(())
+}
+
+fn traffic(c: &Client) -> anyhow::Result<(u64, u64)> {
+    let s = c.get("/api/status")?;
+    Ok((
+        s["traffic"]["sent_bytes"].as_u64().unwrap_or(0),
+        s["traffic"]["received_bytes"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// Options of [`round`].
+#[derive(Debug, Clone)]
+pub struct RoundBench {
+    /// Volunteers.
+    pub volunteers: usize,
+    /// Base model (path or cache name); empty: the default model.
+    pub model: String,
+    /// JSONL chat files for the datanet.
+    pub data: Vec<PathBuf>,
+    /// LoRA rank.
+    pub rank: u32,
+    /// Target modules.
+    pub targets: Vec<String>,
+    /// Longest sequence.
+    pub seq_len: u32,
+    /// Share of segments re-executed.
+    pub audit_rate: f64,
+    /// Rounds.
+    pub rounds: u32,
+}
+
+/// One federated job between real processes: see the module docs.
+pub fn round(work: &Path, o: &RoundBench) -> anyhow::Result<()> {
+    anyhow::ensure!(o.volunteers >= 1, "at least one volunteer");
+    std::fs::create_dir_all(work)?;
+    let owner = Proc::start(&work.join("owner"), None)?;
+    let boot = owner.client.node.bootstrap.clone();
+    let mut vols = Vec::new();
+    for i in 0..o.volunteers {
+        vols.push(Proc::start_with(
+            &work.join(format!("v{i}")),
+            &["--bootstrap", &boot, "--volunteer"],
+        )?);
+    }
+    let created = owner
+        .client
+        .post("/api/datanets", &json!({"name": "bench", "schema": "chat"}))?;
+    let id = created["id"].as_str().context("id")?.to_owned();
+    let bytes: u64 = o
+        .data
+        .iter()
+        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    // About two shards per volunteer.
+    let shard_bytes = (bytes / (2 * o.volunteers as u64)).max(4096) as usize;
+    let files: Vec<PathBuf> = o
+        .data
+        .iter()
+        .map(std::path::absolute)
+        .collect::<Result<_, _>>()?;
+    owner.client.post(
+        &format!("/api/datanets/{id}/add"),
+        &json!({"files": files, "shard_bytes": shard_bytes}),
+    )?;
+    owner
+        .client
+        .post(&format!("/api/datanets/{id}/publish"), &json!({}))?;
+    let before: Vec<(u64, u64)> = std::iter::once(&owner)
+        .chain(vols.iter())
+        .map(|p| traffic(&p.client))
+        .collect::<Result<_, _>>()?;
+    let started = Instant::now();
+    let job = owner.client.post(
+        "/api/jobs",
+        &json!({
+            "name": "bench-round", "model": o.model, "datanets": [id],
+            "rank": o.rank, "alpha": 2.0 * o.rank as f32, "targets": o.targets,
+            "learning_rate": 2e-4, "epochs": 1, "batch_size": 4, "seq_len": o.seq_len,
+            "rounds": o.rounds, "min_updates": o.volunteers, "max_workers": o.volunteers,
+            "enroll_secs": 10.0, "train_secs": 7200.0, "validate_secs": 7200.0,
+            "segment_steps": 4, "audit_rate": o.audit_rate, "validation_fraction": 0.1,
+        }),
+    )?;
+    let job = job["job"].as_str().context("job id")?.to_owned();
+    println!("job {job} created; {} volunteers", o.volunteers);
+    let status = loop {
+        let s = owner.client.get(&format!("/api/jobs/{job}"))?;
+        if s["finished"] == json!(true) {
+            break s;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(4 * 3600),
+            "the job did not finish in 4 h"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let wall = started.elapsed();
+    let after: Vec<(u64, u64)> = std::iter::once(&owner)
+        .chain(vols.iter())
+        .map(|p| traffic(&p.client))
+        .collect::<Result<_, _>>()?;
+    println!("| round | outcome | validation loss before | after | truncation error |");
+    println!("|---|---|---|---|---|");
+    for r in status["closed_rounds"].as_array().into_iter().flatten() {
+        println!(
+            "| {} | {} | {:.4} | {:.4} | {:.4} |",
+            r["round"],
+            r["outcome"].as_str().unwrap_or(""),
+            r["validation_loss_before"].as_f64().unwrap_or(f64::NAN),
+            r["validation_loss_after"].as_f64().unwrap_or(f64::NAN),
+            r["truncation_error"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    println!(
+        "\nwall time, job created -> finished ({} round(s)): {:.1} s",
+        o.rounds,
+        wall.as_secs_f64()
+    );
+    println!("\n| peer | sent MB | received MB |");
+    println!("|---|---|---|");
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        let name = if i == 0 {
+            "owner (coordinator)".to_owned()
+        } else {
+            format!("volunteer {i}")
+        };
+        println!(
+            "| {name} | {:.2} | {:.2} |",
+            (a.0 - b.0) as f64 / 1e6,
+            (a.1 - b.1) as f64 / 1e6
+        );
+    }
+    merge_errors(&owner.dir, &job)?;
+    drop(vols);
+    drop(owner);
+    std::fs::remove_dir_all(work).ok();
+    Ok(())
+}
+
+/// Round 0's merge error: the exact merge as published, and naive averaging of A and B, both
+/// against the exact weighted sum of the updates' products (weights by tokens, as merged).
+fn merge_errors(owner: &Path, job: &str) -> anyhow::Result<()> {
+    use cohort_trainer::adapter::AdapterWeights;
+    let round = owner.join("jobs").join(job).join("rounds/0");
+    let mut updates = Vec::new();
+    for peer in std::fs::read_dir(round.join("updates"))? {
+        for d in std::fs::read_dir(peer?.path())? {
+            let d = d?.path();
+            if d.join("adapter_config.json").is_file() {
+                updates.push(AdapterWeights::load_peft(&d)?);
+            }
+        }
+    }
+    anyhow::ensure!(!updates.is_empty(), "no updates in {}", round.display());
+    let merged = AdapterWeights::load_peft(&round.join("merged"))?;
+    // Equal weights here: the bench gives every volunteer a similar share of the data.
+    let w = 1.0 / updates.len() as f64;
+    let parts: Vec<(f64, &AdapterWeights)> = updates.iter().map(|u| (w, u)).collect();
+    let mut naive = updates[0].clone();
+    for (key, f) in naive.factors.iter_mut() {
+        for (i, x) in f.a.iter_mut().enumerate() {
+            *x = updates
+                .iter()
+                .map(|u| u.factors[key].a[i] as f64 * w)
+                .sum::<f64>() as f32;
+        }
+        for (i, x) in f.b.iter_mut().enumerate() {
+            *x = updates
+                .iter()
+                .map(|u| u.factors[key].b[i] as f64 * w)
+                .sum::<f64>() as f32;
+        }
+    }
+    let exact = cohort_trainer::federated::merge_error(&parts, &merged)?;
+    let naive = cohort_trainer::federated::merge_error(&parts, &naive)?;
+    println!(
+        "\nmerge error of round 0 (relative, product space, {} updates, equal weights): \
+         exact {exact:.4}, naive averaging of A and B {naive:.4}",
+        updates.len()
+    );
     Ok(())
 }

@@ -513,6 +513,37 @@ enum BenchCommand {
         #[arg(long)]
         work_dir: Option<PathBuf>,
     },
+    /// One federated job between an owner and N volunteers on a real model: wall time, bytes
+    /// per peer, validation loss, merge error exact vs naive.
+    Round {
+        /// Volunteers.
+        #[arg(long, default_value_t = 3)]
+        volunteers: usize,
+        /// Base model (path or cache name; default: the default model).
+        #[arg(long, default_value = "")]
+        model: String,
+        /// JSONL chat files (default: the repository's Velmora training set).
+        #[arg(long)]
+        data: Vec<PathBuf>,
+        /// LoRA rank.
+        #[arg(long, default_value_t = 8)]
+        rank: u32,
+        /// Target modules, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+        targets: Vec<String>,
+        /// Longest sequence.
+        #[arg(long, default_value_t = 128)]
+        seq_len: u32,
+        /// Share of segments re-executed by the coordinator.
+        #[arg(long, default_value_t = 0.05)]
+        audit_rate: f64,
+        /// Rounds.
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
+        /// Scratch directory (removed afterwards).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
     /// Time from publish until every node of a network holds the new manifest.
     Publish {
         /// Nodes, the owner included.
@@ -1247,6 +1278,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     rounds,
                     work_dir,
                 } => bench::publish(&scratch(work_dir), *nodes, *rounds)?,
+                BenchCommand::Round {
+                    volunteers,
+                    model,
+                    data,
+                    rank,
+                    targets,
+                    seq_len,
+                    audit_rate,
+                    rounds,
+                    work_dir,
+                } => {
+                    let data = if data.is_empty() {
+                        vec![PathBuf::from("data/finetune/velmora-train.jsonl")]
+                    } else {
+                        data.clone()
+                    };
+                    bench::round(
+                        &scratch(work_dir),
+                        &bench::RoundBench {
+                            volunteers: *volunteers,
+                            model: model.clone(),
+                            data,
+                            rank: *rank,
+                            targets: targets.clone(),
+                            seq_len: *seq_len,
+                            audit_rate: *audit_rate,
+                            rounds: *rounds,
+                        },
+                    )?
+                }
                 BenchCommand::Dht {
                     nodes,
                     keys,

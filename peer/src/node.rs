@@ -322,7 +322,7 @@ impl Node {
             }
             AnnouncementBody::Job { job } => {
                 if let Some(node) = self.me_arc() {
-                    self.tasks.spawn(async move {
+                    self.spawn(async move {
                         crate::rounds::volunteer::consider(&node, signer, job).await;
                     });
                 }
@@ -335,7 +335,7 @@ impl Node {
             }
             AnnouncementBody::LedgerHead { .. } => {
                 if let Some(node) = self.me_arc() {
-                    self.tasks.spawn(async move {
+                    self.spawn(async move {
                         if let Err(e) = node.sync_ledger(signer).await {
                             tracing::debug!("ledger of {}: {e}", signer.short());
                         }
@@ -345,6 +345,19 @@ impl Node {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Runs `work` as a task of this node: tracked (shutdown waits for it) and dropped at once
+    /// when the node shuts down, wherever it is (a network call to a dead peer included).
+    pub fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {}
+                _ = work => {}
+            }
+        });
     }
 
     /// This node as an `Arc`, for tasks it starts (`None` while shutting down).
@@ -1761,11 +1774,19 @@ async fn rounds_loop(node: Arc<Node>, interval: Duration, cancel: CancellationTo
             _ = cancel.cancelled() => break,
             _ = tick.tick() => {}
         }
-        crate::rounds::volunteer::discover(&node).await;
-        for peer in node.known_peers() {
-            if let Err(e) = node.sync_ledger(peer).await {
-                tracing::debug!("ledger of {}: {e}", peer.short());
+        // A peer that went away costs a network timeout per call: never hold up shutdown.
+        let work = async {
+            crate::rounds::volunteer::discover(&node).await;
+            for peer in node.known_peers() {
+                if let Err(e) = node.sync_ledger(peer).await {
+                    tracing::debug!("ledger of {}: {e}", peer.short());
+                }
             }
+        };
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            _ = work => {}
         }
     }
 }

@@ -427,8 +427,7 @@ fn spawn(
         dir: work::job_dir(node, &job),
     };
     let cancel = node.cancel.child_token();
-    node.tasks
-        .spawn(async move { task.run(actions, cancel).await });
+    node.spawn(async move { task.run(actions, cancel).await });
 }
 
 struct Task {
@@ -701,7 +700,7 @@ impl Task {
         let tx = self.results_tx.clone();
         let worker = commit.signer();
         let hash = commit.hash();
-        self.node.tasks.spawn(async move {
+        self.node.spawn(async move {
             let result = match ctx.await {
                 Ok(ctx) => check(ctx, round, start, &commit, &audit).await,
                 Err(e) => {
@@ -757,7 +756,7 @@ impl Task {
         let ctx = self.context();
         let tx = self.results_tx.clone();
         let job = self.job;
-        self.node.tasks.spawn(async move {
+        self.node.spawn(async move {
             let result = match ctx.await {
                 Ok(ctx) => merge(ctx, round, start, updates, seed).await,
                 Err(e) => Err(e),

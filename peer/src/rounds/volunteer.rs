@@ -194,7 +194,7 @@ pub async fn consider(node: &Arc<Node>, owner: PeerId, job: JobId) {
         fault: policy.fault.clone(),
     };
     let cancel = node.cancel.child_token();
-    node.tasks.spawn(async move { task.run(cancel).await });
+    node.spawn(async move { task.run(cancel).await });
 }
 
 /// Asks every known peer for its jobs and considers each (anti-entropy for volunteers).
@@ -224,6 +224,13 @@ struct Task {
     inbox: mpsc::Receiver<WorkerMsg>,
     stop: Arc<AtomicBool>,
     fault: Option<String>,
+}
+
+impl Drop for Task {
+    /// A worker dropped at shutdown stops its training run at the next step.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Task {
@@ -368,7 +375,7 @@ impl Task {
                 };
                 let tx = trained.clone();
                 let _ = deadline;
-                self.node.tasks.spawn(async move {
+                self.node.spawn(async move {
                     let e = match job.train(round, start, work).await {
                         Ok(t) => WorkerEvent::Trained(t),
                         Err(e) => {
@@ -387,7 +394,7 @@ impl Task {
                 let node = self.node.clone();
                 let owner = self.owner;
                 // Retried until the coordinator answers (it may be restarting).
-                self.node.tasks.spawn(async move {
+                self.node.spawn(async move {
                     for attempt in 0..60 {
                         match rpc::call(
                             &node.endpoint,
