@@ -836,7 +836,7 @@ pub fn round(work: &Path, o: &RoundBench) -> anyhow::Result<()> {
             (a.1 - b.1) as f64 / 1e6
         );
     }
-    merge_errors(&owner.dir, &job)?;
+    merge_errors(&owner, &job)?;
     drop(vols);
     drop(owner);
     std::fs::remove_dir_all(work).ok();
@@ -844,45 +844,66 @@ pub fn round(work: &Path, o: &RoundBench) -> anyhow::Result<()> {
 }
 
 /// Round 0's merge error: the exact merge as published, and naive averaging of A and B, both
-/// against the exact weighted sum of the updates' products (weights by tokens, as merged).
-fn merge_errors(owner: &Path, job: &str) -> anyhow::Result<()> {
+/// against the exact weighted sum of the updates' products (weights by tokens, as merged, read
+/// from the coordinator's ledger entry).
+fn merge_errors(owner: &Proc, job: &str) -> anyhow::Result<()> {
     use cohort_trainer::adapter::AdapterWeights;
-    let round = owner.join("jobs").join(job).join("rounds/0");
+    let ledger = owner.client.get("/api/ledger")?;
+    let entry = ledger["chains"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["entries"].as_array().into_iter().flatten())
+        .find(|e| e["job"] == job && e["round"] == 0)
+        .context("round 0's ledger entry")?
+        .clone();
+    let round = owner.dir.join("jobs").join(job).join("rounds/0");
     let mut updates = Vec::new();
-    for peer in std::fs::read_dir(round.join("updates"))? {
-        for d in std::fs::read_dir(peer?.path())? {
+    let mut tokens = Vec::new();
+    for c in entry["compute"].as_array().into_iter().flatten() {
+        if c["verified"] != json!(true) {
+            continue;
+        }
+        let peer = c["peer"].as_str().context("peer")?;
+        let dir = round.join("updates").join(&peer[..10]);
+        for d in std::fs::read_dir(&dir)? {
             let d = d?.path();
             if d.join("adapter_config.json").is_file() {
                 updates.push(AdapterWeights::load_peft(&d)?);
+                tokens.push(c["tokens"].as_u64().unwrap_or(1).max(1) as f64);
             }
         }
     }
     anyhow::ensure!(!updates.is_empty(), "no updates in {}", round.display());
+    let total: f64 = tokens.iter().sum();
+    let weights: Vec<f64> = tokens.iter().map(|t| t / total).collect();
     let merged = AdapterWeights::load_peft(&round.join("merged"))?;
-    // Equal weights here: the bench gives every volunteer a similar share of the data.
-    let w = 1.0 / updates.len() as f64;
-    let parts: Vec<(f64, &AdapterWeights)> = updates.iter().map(|u| (w, u)).collect();
+    let parts: Vec<(f64, &AdapterWeights)> = weights.iter().copied().zip(&updates).collect();
     let mut naive = updates[0].clone();
     for (key, f) in naive.factors.iter_mut() {
         for (i, x) in f.a.iter_mut().enumerate() {
-            *x = updates
+            *x = parts
                 .iter()
-                .map(|u| u.factors[key].a[i] as f64 * w)
+                .map(|(w, u)| u.factors[key].a[i] as f64 * w)
                 .sum::<f64>() as f32;
         }
         for (i, x) in f.b.iter_mut().enumerate() {
-            *x = updates
+            *x = parts
                 .iter()
-                .map(|u| u.factors[key].b[i] as f64 * w)
+                .map(|(w, u)| u.factors[key].b[i] as f64 * w)
                 .sum::<f64>() as f32;
         }
     }
     let exact = cohort_trainer::federated::merge_error(&parts, &merged)?;
     let naive = cohort_trainer::federated::merge_error(&parts, &naive)?;
     println!(
-        "\nmerge error of round 0 (relative, product space, {} updates, equal weights): \
-         exact {exact:.4}, naive averaging of A and B {naive:.4}",
-        updates.len()
+        "\nmerge error of round 0 (relative, product space, {} updates, token weights {:?}): \
+         exact (re-factored to the rank) {exact:.4}, naive averaging of A and B {naive:.4}",
+        updates.len(),
+        weights
+            .iter()
+            .map(|w| format!("{w:.3}"))
+            .collect::<Vec<_>>()
     );
     Ok(())
 }
