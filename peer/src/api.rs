@@ -1313,6 +1313,35 @@ async fn ledger_verify(_auth: Authorized, State(node): State<AppState>) -> ApiRe
         })
         .await?
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    // Then every entry's round, recomputed from the published blobs.
+    let mut reports = reports;
+    for r in &mut reports {
+        let Ok(coordinator) = r.coordinator.parse::<PeerId>() else {
+            continue;
+        };
+        let chain = node
+            .state
+            .call(move |s| crate::rounds::ledger::chain(s.store(), &coordinator))
+            .await?
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        for e in chain {
+            let Ok(entry) = e.verify() else { continue };
+            let checked = crate::rounds::recheck::recheck(&node, &entry).await;
+            let at = format!(
+                "entry {} (job {}, round {})",
+                entry.seq,
+                entry.job.0.short(),
+                entry.round
+            );
+            if let Some(why) = checked.unchecked {
+                r.unchecked.push(format!("{at}: {why}"));
+            } else if checked.problems.is_empty() {
+                r.recomputed += 1;
+            }
+            r.problems
+                .extend(checked.problems.into_iter().map(|p| format!("{at}: {p}")));
+        }
+    }
     let ok = reports
         .iter()
         .all(|r| r.problems.is_empty() && r.equivocations == 0);

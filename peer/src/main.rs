@@ -1002,11 +1002,15 @@ fn ledger(cli: &Cli, command: &LedgerCommand) -> anyhow::Result<()> {
                         .flatten()
                         .filter_map(|p| p.as_str())
                         .collect();
+                    for u in ch["unchecked"].as_array().into_iter().flatten() {
+                        lines.push(format!("not recomputed: {}", st(u)));
+                    }
                     lines.push(format!(
-                        "{} {}: {} entries{}",
+                        "{} {}: {} entries, {} recomputed from the published blobs{}",
                         if problems.is_empty() { "ok  " } else { "FAIL" },
                         st(&ch["coordinator"]),
                         ch["entries"],
+                        ch["recomputed"],
                         if problems.is_empty() {
                             String::new()
                         } else {

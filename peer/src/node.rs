@@ -1367,6 +1367,20 @@ impl CohortProtocol {
                     Err(e) => internal(e),
                 }
             }
+            RequestBody::GetRoundRecord { job, round } => {
+                match state
+                    .call(move |s| crate::rounds::recheck::get_record(s.store(), &job, round))
+                    .await
+                {
+                    Ok(Ok(record)) => Response::RoundRecord {
+                        record: record.map(Box::new),
+                    },
+                    Ok(Err(e)) => Response::Refused {
+                        reason: e.to_string(),
+                    },
+                    Err(e) => internal(e),
+                }
+            }
             RequestBody::Jobs => {
                 let jobs = state.call(|s| crate::rounds::jobs(s.store())).await;
                 match jobs {

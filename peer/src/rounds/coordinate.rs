@@ -510,7 +510,8 @@ impl Task {
                     close,
                     data,
                     compute,
-                } => Some((close.clone(), data.clone(), compute.clone())),
+                    record,
+                } => Some((close.clone(), data.clone(), compute.clone(), record.clone())),
                 _ => None,
             })
             .collect();
@@ -530,9 +531,10 @@ impl Task {
                 let mut b = Batch::default();
                 super::put_coordinator(store, &mut b, &job, &state);
                 let mut entries = Vec::new();
-                for (close, data, compute) in closes {
+                for (close, data, compute, record) in closes {
                     let round = close.verify().map(|c| c.round).unwrap_or(0);
                     super::put_close(store, &mut b, &close, &job, round);
+                    super::recheck::put_record(store, &mut b, &job, &record);
                     entries.push(super::ledger::append(
                         store,
                         &mut b,
@@ -976,6 +978,19 @@ async fn merge(
         std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
         let d = work::unpacked(&ctx.node, &u.update, Some(u.worker), &root).await?;
         inputs.push((u.weight, d));
+        // Merged updates stay available from the coordinator after their workers leave, so that
+        // anyone can recompute the round (`cohort ledger verify`).
+        let hash = u.update;
+        ctx.node
+            .state
+            .call(move |s| {
+                let mut b = Batch::default();
+                super::put_public(s.store(), &mut b, &hash, BlobKind::Update);
+                s.store().write(b)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
     }
     let out = ctx.dir.join(format!("rounds/{round}/merged"));
     let _ = std::fs::remove_dir_all(&out);

@@ -14,6 +14,7 @@
 //!   polling `cohort/1` as anti-entropy), trains its assigned shards and commits.
 //! - [`work`]: the blocking work both call into the trainer for (training, checks, replay,
 //!   merge and evaluation), on paths inside the data directory.
+//! - [`recheck`]: `cohort ledger verify`'s recomputation of a round from published blobs.
 //! - [`ledger`]: every coordinator's signed, hash-chained ledger entries: storing, syncing
 //!   from other peers, verifying, and the totals per contributor and per volunteer.
 //!
@@ -25,6 +26,7 @@
 
 pub mod coordinate;
 pub mod ledger;
+pub mod recheck;
 pub mod volunteer;
 pub mod work;
 

@@ -180,10 +180,12 @@ pub enum CoordinatorAction {
         seed: u64,
     },
     /// The round closed: append a ledger entry with these credits (in one write with the
-    /// coordinator's new state) and publish the close.
+    /// coordinator's new state), keep the round's record and publish the close.
     Close {
         /// The signed close.
         close: Signed<RoundClose>,
+        /// What the round decided, for anyone to recompute it.
+        record: Box<super::RoundRecord>,
         /// Data credit per shard, sorted by shard.
         data: Vec<ShardCredit>,
         /// Compute credit per worker that committed, sorted by worker.
@@ -778,16 +780,18 @@ impl Coordinator {
             .filter(|(_, s)| matches!(s.state, SlotState::Passed { .. }))
             .collect();
         self.round.merge_inputs = if passed.len() >= self.spec.quorum.min_updates as usize {
-            let total: u64 = passed.iter().map(|(_, s)| s.tokens.max(1)).sum();
+            let weights =
+                super::merge_weights(&passed.iter().map(|(_, s)| s.tokens).collect::<Vec<_>>());
             passed
                 .iter()
-                .filter_map(|(w, s)| {
+                .zip(weights)
+                .filter_map(|((w, s), weight)| {
                     let c = s.commit.verify().ok()?;
                     Some(MergeInput {
                         worker: **w,
                         update: c.update,
                         commit: s.commit.hash(),
-                        weight: s.tokens.max(1) as f64 / total as f64,
+                        weight,
                     })
                 })
                 .collect()
@@ -917,8 +921,25 @@ impl Coordinator {
                 closed_at: now,
             },
         );
+        let record = super::RoundRecord {
+            open: self.round.open.clone(),
+            assignment: self.round.assignment.clone(),
+            close: close.clone(),
+            merged: if merged {
+                self.round
+                    .merge_inputs
+                    .iter()
+                    .filter_map(|m| self.round.commits.get(&m.worker))
+                    .map(|s| s.commit.clone())
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            shards: self.shards.clone(),
+        };
         out.push(CoordinatorAction::Close {
             close: close.clone(),
+            record: Box::new(record),
             data,
             compute,
         });
@@ -944,41 +965,63 @@ impl Coordinator {
         out.extend(self.announce_current());
     }
 
-    /// Per-shard data credit from the merge inputs' Shapley values.
-    ///
-    /// An update's value goes to its shards in proportion to their tokens; near-duplicate
-    /// groups pool their shards' values; see [`shard_credits`] for the
-    /// rest (harmful groups, exact sums).
     fn data_credits(&self, r: &MergeOutcome) -> Vec<ShardCredit> {
         let Some(assignment) = self.assignment() else {
             return Vec::new();
         };
-        let mut per_shard: BTreeMap<ContentHash, f64> = BTreeMap::new();
-        for (input, value) in self.round.merge_inputs.iter().zip(&r.values) {
-            let Some(work) = assignment.work.iter().find(|w| w.worker == input.worker) else {
-                continue;
-            };
-            let planned: Vec<&PlannedShard> = work
-                .shards
-                .iter()
-                .filter_map(|h| self.shards.iter().find(|s| s.hash == *h))
-                .collect();
-            let tokens: u64 = planned.iter().map(|s| s.tokens.max(1)).sum();
-            for s in planned {
-                *per_shard.entry(s.hash).or_default() +=
-                    value * s.tokens.max(1) as f64 / tokens as f64;
-            }
-        }
-        let gain = f64::from(r.loss_before) - f64::from(r.loss_after);
-        let trained: Vec<PlannedShard> = self
+        let values: Vec<(PeerId, f64)> = self
+            .round
+            .merge_inputs
+            .iter()
+            .map(|m| m.worker)
+            .zip(r.values.iter().copied())
+            .collect();
+        round_data_credits(
+            &assignment,
+            &self.shards,
+            &values,
+            r.loss_before,
+            r.loss_after,
+        )
+    }
+}
+
+/// Per-shard data credit of a merged round, from each merged worker's Shapley value.
+///
+/// A worker's value goes to its assigned shards in proportion to their tokens; then
+/// [`shard_credits`] pools near-duplicate groups, zeroes harmful ones and splits the round's
+/// gain exactly. Anyone holding the round's assignment, the job's shards and the values
+/// computes the same credits (`cohort ledger verify` does).
+pub fn round_data_credits(
+    assignment: &Assignment,
+    shards: &[PlannedShard],
+    values: &[(PeerId, f64)],
+    loss_before: f32,
+    loss_after: f32,
+) -> Vec<ShardCredit> {
+    let mut per_shard: BTreeMap<ContentHash, f64> = BTreeMap::new();
+    for (worker, value) in values {
+        let Some(work) = assignment.work.iter().find(|w| w.worker == *worker) else {
+            continue;
+        };
+        let planned: Vec<&PlannedShard> = work
             .shards
             .iter()
-            .filter(|s| per_shard.contains_key(&s.hash))
-            .copied()
+            .filter_map(|h| shards.iter().find(|s| s.hash == *h))
             .collect();
-        let values: Vec<f64> = trained.iter().map(|s| per_shard[&s.hash]).collect();
-        shard_credits(&trained, &values, gain)
+        let tokens: u64 = planned.iter().map(|s| s.tokens.max(1)).sum();
+        for s in planned {
+            *per_shard.entry(s.hash).or_default() += value * s.tokens.max(1) as f64 / tokens as f64;
+        }
     }
+    let gain = f64::from(loss_before) - f64::from(loss_after);
+    let trained: Vec<PlannedShard> = shards
+        .iter()
+        .filter(|s| per_shard.contains_key(&s.hash))
+        .copied()
+        .collect();
+    let values: Vec<f64> = trained.iter().map(|s| per_shard[&s.hash]).collect();
+    shard_credits(&trained, &values, gain)
 }
 
 impl Round {

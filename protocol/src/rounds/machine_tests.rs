@@ -267,7 +267,37 @@ impl Net {
                     close,
                     data,
                     compute,
+                    record,
                 } => {
+                    assert_eq!(record.close, close);
+                    if let Ok(c) = close.verify()
+                        && matches!(c.outcome, RoundOutcome::Merged | RoundOutcome::Stopped)
+                    {
+                        // The record's merged commits are exactly the verdicts without a reason.
+                        let merged: Vec<PeerId> =
+                            record.merged.iter().map(|m| m.signer()).collect();
+                        let clean: Vec<PeerId> = c
+                            .verdicts
+                            .iter()
+                            .filter(|v| v.rejected.is_none())
+                            .map(|v| v.worker)
+                            .collect();
+                        assert_eq!(merged, clean);
+                        // Anyone can recompute the data credits from the record.
+                        let values: Vec<(PeerId, f64)> =
+                            merged.iter().map(|p| (*p, 0.05)).collect();
+                        let a = record.assignment.as_ref().unwrap().verify().unwrap();
+                        assert_eq!(
+                            round_data_credits(
+                                &a,
+                                &record.shards,
+                                &values,
+                                c.validation_loss_before,
+                                c.validation_loss_after
+                            ),
+                            data
+                        );
+                    }
                     let c = close.verify().expect("own close");
                     self.loss = c.validation_loss_after;
                     self.closes.push((c, data, compute));

@@ -57,6 +57,32 @@ pub struct PlannedShard {
     pub group: u32,
 }
 
+/// Everything a closed round decided, kept by its coordinator and served over `cohort/1` so that
+/// anyone can recompute the round's merge and credits from the published blobs.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct RoundRecord {
+    /// The round's open (its start adapter and seed).
+    pub open: crate::signed::Signed<crate::types::RoundOpen>,
+    /// Its assignment (none when the job was cancelled during enrolment).
+    pub assignment: Option<crate::signed::Signed<crate::types::Assignment>>,
+    /// Its close.
+    pub close: crate::signed::Signed<crate::types::RoundClose>,
+    /// The commits that were merged, sorted by worker (empty when nothing was merged).
+    pub merged: Vec<crate::signed::Signed<crate::types::UpdateCommit>>,
+    /// The job's training shards as planned (sorted by hash).
+    pub shards: Vec<PlannedShard>,
+}
+
+/// The merge weight of each update: its share of the merged updates' tokens (at least 1 token
+/// each), in the order given; the same arithmetic as the coordinator's.
+pub fn merge_weights(tokens: &[u64]) -> Vec<f64> {
+    let total: u64 = tokens.iter().map(|t| (*t).max(1)).sum();
+    tokens
+        .iter()
+        .map(|t| (*t).max(1) as f64 / total as f64)
+        .collect()
+}
+
 /// The seed of round `round` of a job whose base seed is `job_seed`.
 ///
 /// Every seeded choice of the round (assignment, each worker's data order) derives from it.

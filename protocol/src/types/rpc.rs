@@ -101,6 +101,13 @@ pub enum RequestBody {
     },
     /// The unfinished jobs this peer coordinates (anti-entropy for volunteers).
     Jobs,
+    /// A closed round's record, from its coordinator.
+    GetRoundRecord {
+        /// The job.
+        job: JobId,
+        /// The round.
+        round: u32,
+    },
 }
 
 /// One datanet's latest version, as a peer knows it.
@@ -169,5 +176,10 @@ pub enum Response {
     Jobs {
         /// The jobs.
         jobs: Vec<JobId>,
+    },
+    /// Answers [`RequestBody::GetRoundRecord`].
+    RoundRecord {
+        /// The record, if this peer coordinated that round.
+        record: Option<Box<crate::rounds::RoundRecord>>,
     },
 }
