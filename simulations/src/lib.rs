@@ -14,6 +14,9 @@
 //! - [`overlay`]: random connected overlays of a given degree.
 //! - [`kademlia`]: iterative Kademlia provider lookups over converged routing tables: hops and
 //!   requests per lookup against log2(N) (`cohort-sim-kad`).
+//! - [`rounds`]: federated rounds: the protocol's coordinator and workers for thousands of
+//!   volunteers, a least-squares surrogate for training, churn, adversaries, attribution and
+//!   merging scenarios from TOML files (`cohort-sim scenarios/NAME.toml`).
 //! - [`flood`]: the first scenario, gossip flooding of a signed announcement with adversaries
 //!   that corrupt what they forward.
 //!
@@ -26,6 +29,7 @@ pub mod kademlia;
 pub mod network;
 pub mod overlay;
 pub mod queue;
+pub mod rounds;
 pub mod seed;
 pub mod sim;
 pub mod time;

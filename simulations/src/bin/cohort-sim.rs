@@ -1,6 +1,8 @@
-//! `cohort-sim`: runs the gossip flood scenario and prints its report and the simulator's speed.
+//! `cohort-sim`: runs a rounds scenario file, or the gossip flood scenario, and prints its report
+//! and the simulator's speed.
 //!
 //! ```text
+//! cohort-sim SCENARIO.toml [--out DIR]
 //! cohort-sim [--nodes N] [--degree D] [--seed S] [--adversaries FRACTION]
 //! ```
 
@@ -9,10 +11,18 @@ use std::process::ExitCode;
 use std::str::FromStr;
 use std::time::Instant;
 
+use std::path::{Path, PathBuf};
+
+use cohort_sim::rounds::{Scenario, run_scenario};
 use cohort_sim::{Flood, FloodConfig};
 
 const USAGE: &str = "\
-usage: cohort-sim [--nodes N] [--degree D] [--seed S] [--adversaries FRACTION]
+usage: cohort-sim SCENARIO.toml [--out DIR]
+       cohort-sim [--nodes N] [--degree D] [--seed S] [--adversaries FRACTION]
+
+The first form runs a federated-rounds scenario (see simulations/scenarios/): prints a summary
+and writes CSV files and SVG charts into DIR (default: out/NAME next to the scenarios folder).
+A relative SCENARIO path that does not exist is also looked up in the cohort-sim crate.
 
 Floods one signed announcement through a random overlay in virtual time and reports coverage,
 traffic, rejections and hop counts.
@@ -72,8 +82,79 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
     Ok(Command::Run(config))
 }
 
+/// Runs a rounds scenario file: summary on stdout, files into the output folder.
+fn run_scenario_file(args: &[String]) -> ExitCode {
+    let mut path = PathBuf::from(&args[0]);
+    if !path.exists() && path.is_relative() {
+        let in_crate = Path::new(env!("CARGO_MANIFEST_DIR")).join(&path);
+        if in_crate.exists() {
+            path = in_crate;
+        }
+    }
+    let out = match args.get(1..) {
+        Some([flag, dir]) if flag == "--out" => Some(PathBuf::from(dir)),
+        Some([]) | None => None,
+        Some(_) => {
+            eprintln!("cohort-sim: after the scenario only --out DIR is accepted\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(err) => {
+            eprintln!("cohort-sim: reading {}: {err}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let scenario = match Scenario::parse(&text) {
+        Ok(s) => s,
+        Err(err) => {
+            eprintln!("cohort-sim: {}: {err}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let started = Instant::now();
+    let report = match run_scenario(&scenario) {
+        Ok(r) => r,
+        Err(err) => {
+            eprintln!("cohort-sim: {}: {err}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let wall = started.elapsed();
+    let dir = out.unwrap_or_else(|| {
+        path.parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("."))
+            .join("out")
+            .join(&scenario.name)
+    });
+    let files = match report.write(&dir) {
+        Ok(f) => f,
+        Err(err) => {
+            eprintln!("cohort-sim: writing {}: {err}", dir.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let events: u64 = report.runs.iter().map(|r| r.events).sum();
+    let loop_wall: f64 = report.runs.iter().map(|r| r.run_wall.as_secs_f64()).sum();
+    write_or_fail(&format!(
+        "{}\nwall time {:.2}s ({} events, {:.0} events/s in the event loops)\nwrote {} files into {}",
+        report.summary(),
+        wall.as_secs_f64(),
+        events,
+        events as f64 / loop_wall.max(1e-9),
+        files.len(),
+        dir.display()
+    ))
+}
+
 fn main() -> ExitCode {
-    let config = match parse_args(std::env::args().skip(1)) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a.ends_with(".toml")) {
+        return run_scenario_file(&args);
+    }
+    let config = match parse_args(args) {
         Ok(Command::Run(config)) => config,
         Ok(Command::Help) => return write_or_fail(USAGE),
         Err(message) => {
