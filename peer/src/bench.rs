@@ -837,6 +837,45 @@ pub fn round(work: &Path, o: &RoundBench) -> anyhow::Result<()> {
         );
     }
     merge_errors(&owner, &job)?;
+    // Every peer pulls the coordinator's chain and recomputes each round from the blobs.
+    println!("\n| peer | ledger verify | rounds recomputed | seconds |");
+    println!("|---|---|---|---|");
+    for (i, p) in std::iter::once(&owner).chain(vols.iter()).enumerate() {
+        let t = Instant::now();
+        let v = loop {
+            let v = p.client.post("/api/ledger/verify", &json!({}))?;
+            let entries: u64 = v["chains"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| c["entries"].as_u64().unwrap_or(0))
+                .sum();
+            if entries >= u64::from(o.rounds) || t.elapsed() > Duration::from_secs(120) {
+                break v;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        let recomputed: u64 = v["chains"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| c["recomputed"].as_u64().unwrap_or(0))
+            .sum();
+        println!(
+            "| {} | {} | {recomputed} | {:.1} |",
+            if i == 0 {
+                "owner".to_owned()
+            } else {
+                format!("volunteer {i}")
+            },
+            if v["ok"] == json!(true) {
+                "ok"
+            } else {
+                "FAILED"
+            },
+            t.elapsed().as_secs_f64()
+        );
+    }
     drop(vols);
     drop(owner);
     std::fs::remove_dir_all(work).ok();

@@ -243,6 +243,8 @@ pub struct Rounds {
     views: Mutex<BTreeMap<JobId, RoundView>>,
     workers: Mutex<BTreeMap<JobId, mpsc::Sender<volunteer::WorkerMsg>>>,
     policy: Mutex<Option<volunteer::Policy>>,
+    /// Jobs the current policy declined (not looked at again until the policy changes).
+    declined: Mutex<std::collections::BTreeSet<JobId>>,
     status: Mutex<BTreeMap<JobId, JobStatus>>,
 }
 
@@ -311,6 +313,16 @@ impl Rounds {
     /// Turns volunteering on with `policy`, or off with `None`.
     pub fn set_policy(&self, policy: Option<volunteer::Policy>) {
         *lock(&self.policy) = policy;
+        lock(&self.declined).clear();
+    }
+
+    /// Whether the current policy already declined `job`.
+    pub(crate) fn declined(&self, job: &JobId) -> bool {
+        lock(&self.declined).contains(job)
+    }
+
+    pub(crate) fn decline(&self, job: JobId) {
+        lock(&self.declined).insert(job);
     }
 
     /// The status of every job this peer takes part in.

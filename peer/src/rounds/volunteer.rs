@@ -108,7 +108,7 @@ pub async fn consider(node: &Arc<Node>, owner: PeerId, job: JobId) {
     let Some(policy) = node.rounds.policy() else {
         return;
     };
-    if node.rounds.has_worker(&job) || owner == node.me() {
+    if node.rounds.has_worker(&job) || owner == node.me() || node.rounds.declined(&job) {
         return;
     }
     let known = node
@@ -149,6 +149,7 @@ pub async fn consider(node: &Arc<Node>, owner: PeerId, job: JobId) {
     };
     if let Some(why) = policy.refuses(&owner, &payload) {
         eprintln!("not volunteering for job {}: {why}", job.0.short());
+        node.rounds.decline(job);
         return;
     }
     let record = JobRecord {
