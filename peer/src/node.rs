@@ -1179,6 +1179,28 @@ impl ProtocolHandler for CohortProtocol {
 }
 
 impl CohortProtocol {
+    /// Hands a join or commit for `job` (an error when its signature did not verify) to the
+    /// job's coordinator; the answer says whether it was taken.
+    async fn to_coordinator(
+        &self,
+        remote: PeerId,
+        job: Result<cohort_protocol::types::JobId, cohort_protocol::VerifyError>,
+        event: cohort_protocol::rounds::coordinator::CoordinatorEvent,
+    ) -> Response {
+        match job {
+            Ok(job) => match crate::rounds::coordinate::deliver(&self.node, &job, event).await {
+                Ok(()) => Response::Accepted,
+                Err(reason) => Response::Refused { reason },
+            },
+            Err(e) => {
+                self.count(remote, Rejection::BadSignature).await;
+                Response::Refused {
+                    reason: e.to_string(),
+                }
+            }
+        }
+    }
+
     async fn count(&self, peer: PeerId, why: Rejection) {
         self.node
             .state
@@ -1294,45 +1316,13 @@ impl CohortProtocol {
             },
             RequestBody::Join { join } => {
                 let job = join.verify().map(|j| j.job);
-                match job {
-                    Ok(job) => match crate::rounds::coordinate::deliver(
-                        &self.node,
-                        &job,
-                        cohort_protocol::rounds::coordinator::CoordinatorEvent::Join(join),
-                    )
-                    .await
-                    {
-                        Ok(()) => Response::Accepted,
-                        Err(reason) => Response::Refused { reason },
-                    },
-                    Err(e) => {
-                        self.count(remote, Rejection::BadSignature).await;
-                        Response::Refused {
-                            reason: e.to_string(),
-                        }
-                    }
-                }
+                let event = cohort_protocol::rounds::coordinator::CoordinatorEvent::Join(join);
+                self.to_coordinator(remote, job, event).await
             }
             RequestBody::Commit { commit } => {
                 let job = commit.verify().map(|c| c.job);
-                match job {
-                    Ok(job) => match crate::rounds::coordinate::deliver(
-                        &self.node,
-                        &job,
-                        cohort_protocol::rounds::coordinator::CoordinatorEvent::Commit(commit),
-                    )
-                    .await
-                    {
-                        Ok(()) => Response::Accepted,
-                        Err(reason) => Response::Refused { reason },
-                    },
-                    Err(e) => {
-                        self.count(remote, Rejection::BadSignature).await;
-                        Response::Refused {
-                            reason: e.to_string(),
-                        }
-                    }
-                }
+                let event = cohort_protocol::rounds::coordinator::CoordinatorEvent::Commit(commit);
+                self.to_coordinator(remote, job, event).await
             }
             RequestBody::GetLedger { coordinator, from } => {
                 let entries = state

@@ -113,7 +113,6 @@ pub const TINY_CHAT_VOCAB: usize = 256 + 3 + 5;
 /// hidden 64) with a byte-level GPT-2 tokenizer (every byte a token, a few merges), ChatML
 /// specials and a ChatML chat template, so JSONL chat records train and generate end to end.
 pub fn tiny_chat_model(seed: u64, path: &std::path::Path) -> std::io::Result<()> {
-    use crate::gguf::Value;
     let shape = TrainShape {
         hidden: 64,
         inter: 128,
@@ -127,6 +126,20 @@ pub fn tiny_chat_model(seed: u64, path: &std::path::Path) -> std::io::Result<()>
         targets: vec![],
     };
     let mut w = random_model_writer(&shape, seed);
+    add_tiny_chat_tokenizer(&mut w);
+    w.metadata(
+        "tokenizer.ggml.padding_token_id",
+        crate::gguf::Value::U32(256),
+    );
+    w.write(path)
+}
+
+/// Adds the tiny byte-level tokenizer to a model's metadata: 256 byte tokens, the ChatML
+/// specials `<|endoftext|>` (256), `<|im_start|>` (257, also BOS) and `<|im_end|>` (258, also
+/// EOS), five merges, and a ChatML chat template. The model's vocabulary must be
+/// [`TINY_CHAT_VOCAB`].
+pub fn add_tiny_chat_tokenizer(w: &mut crate::gguf::write::GgufWriter) {
+    use crate::gguf::Value;
     let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
     let mut tokens: Vec<Value> = (0..=255u8)
         .map(|b| Value::String(byte_char(b).to_string()))
@@ -151,7 +164,6 @@ pub fn tiny_chat_model(seed: u64, path: &std::path::Path) -> std::io::Result<()>
         )
         .metadata("tokenizer.ggml.bos_token_id", Value::U32(257))
         .metadata("tokenizer.ggml.eos_token_id", Value::U32(258))
-        .metadata("tokenizer.ggml.padding_token_id", Value::U32(256))
         .metadata(
             "tokenizer.chat_template",
             Value::String(
@@ -161,7 +173,6 @@ pub fn tiny_chat_model(seed: u64, path: &std::path::Path) -> std::io::Result<()>
                     .into(),
             ),
         );
-    w.write(path)
 }
 
 fn random_model_writer(shape: &TrainShape, seed: u64) -> crate::gguf::write::GgufWriter {

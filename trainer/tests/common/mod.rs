@@ -459,32 +459,7 @@ pub fn tiny_model_with_tokenizer(t: &Tiny) -> (Vec<u8>, RefModel) {
     for (k, v) in file.metadata() {
         w.metadata(k.clone(), v.clone());
     }
-    let mut tokens: Vec<Value> = (0..=255u8)
-        .map(|b| Value::String(byte_char(b).to_string()))
-        .collect();
-    let mut types: Vec<Value> = vec![Value::I32(1); 256];
-    for s in SPECIALS {
-        tokens.push(Value::String(s.into()));
-        types.push(Value::I32(3));
-    }
-    let merges = ["Ġ t", "h e", "Ġt he", "i n", "a n"];
-    for m in merges {
-        tokens.push(Value::String(m.replace(' ', "")));
-        types.push(Value::I32(1));
-    }
-    w.metadata("tokenizer.ggml.model", Value::String("gpt2".into()))
-        .metadata("tokenizer.ggml.pre", Value::String("smollm".into()))
-        .metadata("tokenizer.ggml.tokens", Value::Array(tokens))
-        .metadata("tokenizer.ggml.token_type", Value::Array(types))
-        .metadata("tokenizer.ggml.merges", Value::Array(merges.iter().map(|m| Value::String(m.to_string())).collect()))
-        .metadata("tokenizer.ggml.bos_token_id", Value::U32(257))
-        .metadata("tokenizer.ggml.eos_token_id", Value::U32(258))
-        .metadata(
-            "tokenizer.chat_template",
-            Value::String(
-                "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}".into(),
-            ),
-        );
+    cohort_trainer::bench::add_tiny_chat_tokenizer(&mut w);
     for info in file.tensors() {
         let (_, data) = file.tensor_bytes(&info.name).unwrap();
         w.tensor_raw(info.name.clone(), &info.dims, info.ty, data.to_vec());
