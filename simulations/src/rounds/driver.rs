@@ -890,12 +890,15 @@ impl RoundSim {
                 } => self.merge(round, start, updates, seed),
                 CoordinatorAction::Close {
                     close,
-                    record: _,
+                    record,
                     data,
                     compute: _,
                 } => {
                     let Ok(c) = close.verify() else { continue };
-                    self.record_close(&c, &data);
+                    // The coordinator has already opened the next round: the closed round's
+                    // assignment comes from its record.
+                    let assignment = record.assignment.as_ref().and_then(|a| a.verify().ok());
+                    self.record_close(&c, assignment.as_ref(), &data);
                 }
                 CoordinatorAction::Refused { .. } => self.refusals += 1,
                 CoordinatorAction::Finished { outcome, .. } => {
@@ -1128,14 +1131,10 @@ impl RoundSim {
     fn record_close(
         &mut self,
         c: &cohort_protocol::types::RoundClose,
+        assignment: Option<&cohort_protocol::types::Assignment>,
         data: &[cohort_protocol::types::ShardCredit],
     ) {
         let now = self.now.since_start().as_secs_f64();
-        let assignment = self
-            .coord
-            .current_assignment()
-            .and_then(|a| a.verify().ok())
-            .filter(|a| a.round == c.round);
         let mut rows_shards = Vec::new();
         let mut assigned_shards = 0usize;
         let mut merged_shards = 0usize;
@@ -1163,7 +1162,7 @@ impl RoundSim {
                 honest_rej += 1;
             }
         }
-        if let Some(a) = &assignment {
+        if let Some(a) = assignment {
             for w in &a.work {
                 assigned_shards += w.shards.len();
                 let ok = c
