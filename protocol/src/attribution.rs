@@ -847,17 +847,19 @@ pub fn split_budget(budget: Credit, weights: &[f64]) -> Result<Vec<Credit>, Attr
 /// Settings of [`data_credits`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct CreditConfig {
-    /// A group whose `|value|` is at most `near_zero · Σ_g |value_g|` is near-zero: it earns
-    /// nothing and is not flagged harmful. The scale `Σ|value|` is never below the round's
-    /// `|gain|` (the values sum to it), and unlike the gain it is not small when helpful and
-    /// harmful groups cancel out.
+    /// A group whose `|value|` is at most `near_zero` times the mean `|value|` of the round's
+    /// groups (`Σ_g |value_g| / groups`) is near-zero: it earns nothing and is not flagged
+    /// harmful. The mean absolute value is the scale of a typical group's contribution: unlike
+    /// the gain it is not small when helpful and harmful groups cancel out, and unlike the
+    /// total it does not grow with the number of groups (at a thousand groups 0.1% of the total
+    /// is about one group's whole value).
     pub near_zero: f64,
 }
 
 impl Default for CreditConfig {
-    /// Near-zero below 0.1% of the round's total absolute value.
+    /// Near-zero below 5% of the mean absolute group value.
     fn default() -> Self {
-        Self { near_zero: 1e-3 }
+        Self { near_zero: 0.05 }
     }
 }
 
@@ -882,7 +884,7 @@ pub struct ShardAward {
 /// `shards[s]` is shard `s`'s content hash and `groups[s]` its group; `group_values[g]` is group
 /// `g`'s Shapley value in nats (from [`attribute`]); every group must have a shard. A group is
 ///
-/// - **harmful** if its value is below `-near_zero · Σ|value|` ([`CreditConfig`]): flagged
+/// - **harmful** if its value is below `-near_zero · mean|value|` ([`CreditConfig`]): flagged
 ///   [`CreditFlag::Harmful`], earns 0, and records its (negative) value;
 /// - **near-zero** if its `|value|` is at most that: earns 0;
 /// - **positive** otherwise: the positive groups split `budget` in proportion to their values
@@ -934,7 +936,9 @@ pub fn data_credits(
     }
 
     let scale: f64 = group_values.iter().map(|v| v.abs()).sum();
-    let threshold = config.near_zero * scale;
+    // Relative to a typical group, not to the total: with a thousand groups a share of the
+    // total is about one group's whole value, which would zero honest shards.
+    let threshold = config.near_zero * scale / group_values.len().max(1) as f64;
     let weights: Vec<f64> = group_values
         .iter()
         .map(|&v| if v > threshold { v } else { 0.0 })

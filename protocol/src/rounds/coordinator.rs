@@ -24,8 +24,11 @@ use crate::identity::{Keypair, PeerId};
 use crate::signed::Signed;
 use crate::types::{
     Assignment, Capacity, ComputeCredit, JobId, JobSpec, RejectReason, RoundClose, RoundJoin,
-    RoundOpen, RoundOutcome, ShardCredit, Timestamp, UpdateCommit, UpdateVerdict,
+    RoundOpen, RoundOutcome, ShardCredit, Timestamp, UpdateCommit, UpdateVerdict, WorkAssignment,
 };
+
+/// A round that has not gathered its quorum after this many enrolment periods closes unmerged.
+pub const MAX_ENROLL_PERIODS: u64 = 30;
 
 /// Where the current round stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
@@ -231,6 +234,9 @@ struct Round {
     open: Signed<RoundOpen>,
     joins: BTreeMap<PeerId, Capacity>,
     assignment: Option<Signed<Assignment>>,
+    /// The assignment's work by worker, decoded once (decoding a signed assignment of N
+    /// workers costs N public-key decompressions; it is looked at on every commit).
+    work: BTreeMap<PeerId, WorkAssignment>,
     commit_until: Timestamp,
     verify_until: Timestamp,
     commits: BTreeMap<PeerId, CommitSlot>,
@@ -410,9 +416,7 @@ impl Coordinator {
 
     /// The workers assigned in the current round, if assignment happened.
     pub fn assigned(&self) -> Vec<PeerId> {
-        self.assignment()
-            .map(|a| a.work.iter().map(|w| w.worker).collect())
-            .unwrap_or_default()
+        self.round.work.keys().copied().collect()
     }
 
     /// The peers enrolled in the current round.
@@ -420,10 +424,33 @@ impl Coordinator {
         self.round.joins.keys().copied().collect()
     }
 
+    /// When a round that cannot reach its quorum stops enrolling: [`MAX_ENROLL_PERIODS`]
+    /// enrolment periods after it opened.
+    fn give_up_enrolling_at(&self) -> Timestamp {
+        let open = self.round.open_payload();
+        after(
+            open.opened_at,
+            self.spec
+                .deadlines
+                .enroll_ms
+                .saturating_mul(MAX_ENROLL_PERIODS),
+        )
+    }
+
     /// The next deadline the coordinator waits for, if any.
     pub fn next_deadline(&self) -> Option<Timestamp> {
         match self.phase {
-            Phase::Enrolling => Some(self.round.open_payload().enroll_until),
+            Phase::Enrolling => {
+                let open = self.round.open_payload();
+                let quorum = self.round.joins.len() >= self.spec.quorum.min_updates as usize;
+                // Without a quorum nothing happens at the enrolment deadline; a join wakes the
+                // machine anyway.
+                Some(if quorum {
+                    open.enroll_until
+                } else {
+                    self.give_up_enrolling_at()
+                })
+            }
             Phase::Training => Some(self.round.commit_until.max(self.grace_until)),
             Phase::Verifying => Some(self.round.verify_until),
             Phase::Merging | Phase::Finished => None,
@@ -499,6 +526,7 @@ impl Coordinator {
             open,
             joins: BTreeMap::new(),
             assignment: None,
+            work: BTreeMap::new(),
             commit_until: Timestamp(u64::MAX),
             verify_until: Timestamp(u64::MAX),
             commits: BTreeMap::new(),
@@ -517,11 +545,6 @@ impl Coordinator {
             out.push(CoordinatorAction::WakeAt(at));
         }
         out
-    }
-
-    fn assignment(&self) -> Option<Assignment> {
-        // The coordinator signed it itself; decoding cannot fail short of memory corruption.
-        self.round.assignment.as_ref().and_then(|a| a.verify().ok())
     }
 
     fn on_join(&mut self, m: Signed<RoundJoin>, out: &mut Vec<CoordinatorAction>) {
@@ -546,6 +569,12 @@ impl Coordinator {
             return out.push(refuse(from, Refusal::Full));
         }
         self.round.joins.insert(from, join.capacity);
+        if self.round.joins.len() == self.spec.quorum.min_updates as usize {
+            // The quorum is there: the enrolment deadline matters now.
+            out.push(CoordinatorAction::WakeAt(
+                self.round.open_payload().enroll_until,
+            ));
+        }
     }
 
     fn on_commit(
@@ -568,10 +597,7 @@ impl Coordinator {
         if commit.round != self.round.number || self.phase == Phase::Enrolling {
             return out.push(refuse(from, Refusal::Stale));
         }
-        let Some(assigned) = self
-            .assignment()
-            .and_then(|a| a.work.into_iter().find(|w| w.worker == from))
-        else {
+        let Some(assigned) = self.round.work.get(&from).cloned() else {
             return out.push(refuse(from, Refusal::NotAssigned));
         };
         if let Some(slot) = self.round.commits.get_mut(&from) {
@@ -642,10 +668,15 @@ impl Coordinator {
                     // it would only burn a round.
                     if full || (due && joined >= self.spec.quorum.min_updates as usize) {
                         self.start_training(now, keypair, out);
+                    } else if now >= self.give_up_enrolling_at() {
+                        // Too few volunteers for too long: the round ends unmerged, so that a
+                        // job without volunteers finishes instead of waiting for ever.
+                        self.close(now, RoundOutcome::NoQuorum, None, keypair, out);
+                        return;
                     }
                 }
                 Phase::Training => {
-                    let assigned = self.assigned().len();
+                    let assigned = self.round.work.len();
                     let all_in = self.round.commits.len() >= assigned;
                     if all_in || now >= self.round.commit_until.max(self.grace_until) {
                         self.start_verifying(now, out);
@@ -683,7 +714,8 @@ impl Coordinator {
         out: &mut Vec<CoordinatorAction>,
     ) {
         let workers: Vec<PeerId> = self.round.joins.keys().copied().collect();
-        let shards: Vec<ContentHash> = self.shards.iter().map(|s| s.hash).collect();
+        let shards: Vec<(ContentHash, u32)> =
+            self.shards.iter().map(|s| (s.hash, s.group)).collect();
         let work = assign(
             self.round.seed,
             &workers,
@@ -691,6 +723,7 @@ impl Coordinator {
             self.spec.quorum.max_workers as usize,
         );
         self.round.commit_until = after(now, self.spec.deadlines.train_ms);
+        self.round.work = work.iter().map(|w| (w.worker, w.clone())).collect();
         let signed = Signed::sign(
             keypair,
             &Assignment {
@@ -966,8 +999,11 @@ impl Coordinator {
     }
 
     fn data_credits(&self, r: &MergeOutcome) -> Vec<ShardCredit> {
-        let Some(assignment) = self.assignment() else {
-            return Vec::new();
+        let assignment = Assignment {
+            job: self.job,
+            round: self.round.number,
+            work: self.round.work.values().cloned().collect(),
+            commit_until: self.round.commit_until,
         };
         let values: Vec<(PeerId, f64)> = self
             .round

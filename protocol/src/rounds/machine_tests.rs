@@ -590,7 +590,7 @@ fn enrolment_waits_for_enough_volunteers() {
     // Quorum 4 with 3 volunteers: the round keeps enrolling past its deadline instead of
     // burning itself; nothing is assigned.
     let mut net = Net::new(spec(1, 4), &vec![Behaviour::Honest; 3]);
-    net.run(60_000);
+    net.run(20_000);
     assert_eq!(net.coord.phase(), Phase::Enrolling);
     assert_eq!(net.coord.enrolled().len(), 3);
     assert!(net.closes.is_empty());
@@ -609,6 +609,22 @@ fn enrolment_waits_for_enough_volunteers() {
     net.run(u64::MAX);
     assert_eq!(net.closes[0].0.outcome, RoundOutcome::Merged);
     assert_eq!(net.closes[0].0.verdicts.len(), 4);
+}
+
+#[test]
+fn a_round_that_never_reaches_its_quorum_gives_up() {
+    let mut net = Net::new(spec(2, 4), &vec![Behaviour::Honest; 3]);
+    net.run(u64::MAX);
+    // Each round waits MAX_ENROLL_PERIODS enrolment periods, then closes unmerged.
+    assert_eq!(net.closes.len(), 2);
+    for (r, (c, data, _)) in net.closes.iter().enumerate() {
+        assert_eq!(c.outcome, RoundOutcome::NoQuorum);
+        assert!(c.verdicts.is_empty() && data.is_empty());
+        let opened = r as u64 * 30_000;
+        assert_eq!(c.closed_at.0, opened + MAX_ENROLL_PERIODS * 1_000);
+    }
+    assert_eq!(net.finished, Some(RoundOutcome::NoQuorum));
+    assert_eq!(net.workers_finished, 3);
 }
 
 #[test]

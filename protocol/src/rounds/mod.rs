@@ -98,16 +98,18 @@ pub fn round_seed(job: &JobId, job_seed: u64, round: u32) -> u64 {
 
 /// Chooses at most `max_workers` of the enrolled `workers` and deals the round's shards to them.
 ///
-/// Deterministic in `seed`: the workers are sorted, a seeded sample is kept when there are too
-/// many, the shards are sorted and shuffled, and shard `i` of the shuffle goes to kept worker
-/// `i mod k`, where `k` is the number of kept workers or the number of shards, whichever is
-/// smaller; so each update is trained on one shard or one small group of shards, which is what
-/// lets credit be given per shard. The result is sorted by worker, each worker's shards sorted,
-/// and each worker gets its own training seed.
+/// `shards` are (hash, near-duplicate group). Deterministic in `seed`: the workers are sorted, a
+/// seeded sample is kept when there are too many; the groups are shuffled, and group `i` of the
+/// shuffle goes to kept worker `i mod k`, where `k` is the number of kept workers or the number
+/// of groups, whichever is smaller. A whole near-duplicate group goes to one worker, so copies
+/// of a source are one update and one player of the round's Shapley game: copying a shard under
+/// more identities cannot raise its credit. Each update is trained on one group or a few, which
+/// is what lets credit be given per shard. The result is sorted by worker, each worker's shards
+/// sorted, and each worker gets its own training seed.
 pub fn assign(
     seed: u64,
     workers: &[PeerId],
-    shards: &[ContentHash],
+    shards: &[(ContentHash, u32)],
     max_workers: usize,
 ) -> Vec<WorkAssignment> {
     let mut rng = SplitMix64::new(seed);
@@ -117,11 +119,19 @@ pub fn assign(
     shuffle(&mut workers, &mut rng);
     workers.truncate(max_workers.max(1));
     workers.sort();
-    let mut shards: Vec<ContentHash> = shards.to_vec();
+    let mut shards: Vec<(ContentHash, u32)> = shards.to_vec();
     shards.sort();
-    shards.dedup();
-    shuffle(&mut shards, &mut rng);
-    let k = workers.len().min(shards.len());
+    shards.dedup_by_key(|s| s.0);
+    // Groups in order of their smallest shard, then shuffled.
+    let mut groups: Vec<(u32, Vec<ContentHash>)> = Vec::new();
+    for (hash, group) in &shards {
+        match groups.iter_mut().find(|(g, _)| g == group) {
+            Some((_, members)) => members.push(*hash),
+            None => groups.push((*group, vec![*hash])),
+        }
+    }
+    shuffle(&mut groups, &mut rng);
+    let k = workers.len().min(groups.len());
     let mut work: Vec<WorkAssignment> = workers[..k]
         .iter()
         .map(|w| WorkAssignment {
@@ -130,8 +140,8 @@ pub fn assign(
             seed: rng.next_u64(),
         })
         .collect();
-    for (i, s) in shards.into_iter().enumerate() {
-        work[i % k].shards.push(s);
+    for (i, (_, members)) in groups.into_iter().enumerate() {
+        work[i % k].shards.extend(members);
     }
     for w in &mut work {
         w.shards.sort();
@@ -226,11 +236,16 @@ mod tests {
         (0..n).map(|i| ContentHash::of(&i.to_le_bytes())).collect()
     }
 
+    /// Each shard its own group.
+    fn alone(h: &[ContentHash]) -> Vec<(ContentHash, u32)> {
+        h.iter().enumerate().map(|(i, h)| (*h, i as u32)).collect()
+    }
+
     #[test]
     fn assignment_covers_every_shard_once_and_is_seeded() {
         let w = peers(3);
         let s = hashes(8);
-        let a = assign(7, &w, &s, 16);
+        let a = assign(7, &w, &alone(&s), 16);
         assert_eq!(a.len(), 3);
         let mut all: Vec<ContentHash> = a.iter().flat_map(|w| w.shards.clone()).collect();
         all.sort();
@@ -243,16 +258,16 @@ mod tests {
         // Same seed and same inputs in another order: same result; another seed: another deal.
         let mut w2 = w.clone();
         w2.reverse();
-        assert_eq!(assign(7, &w2, &s, 16), a);
-        assert_ne!(assign(8, &w, &s, 16), a);
+        assert_eq!(assign(7, &w2, &alone(&s), 16), a);
+        assert_ne!(assign(8, &w, &alone(&s), 16), a);
     }
 
     #[test]
     fn more_workers_than_shards_leaves_the_rest_idle_and_caps_apply() {
-        let a = assign(1, &peers(5), &hashes(2), 16);
+        let a = assign(1, &peers(5), &alone(&hashes(2)), 16);
         assert_eq!(a.len(), 2);
         assert!(a.iter().all(|w| w.shards.len() == 1));
-        let b = assign(1, &peers(5), &hashes(10), 3);
+        let b = assign(1, &peers(5), &alone(&hashes(10)), 3);
         assert_eq!(b.len(), 3);
         assert!(b.windows(2).all(|p| p[0].worker < p[1].worker));
     }
@@ -282,6 +297,33 @@ mod tests {
             })
             .count();
         assert!(moved > 3_000, "{moved}");
+    }
+
+    #[test]
+    fn a_near_duplicate_group_goes_to_one_worker() {
+        let h = hashes(6);
+        // Shards 0, 3 and 5 are copies of one source.
+        let shards: Vec<(ContentHash, u32)> = h
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (*x, if i % 3 == 0 || i == 5 { 0 } else { i as u32 }))
+            .collect();
+        for seed in 0..20 {
+            let a = assign(seed, &peers(4), &shards, 16);
+            let holders: Vec<usize> = a
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| w.shards.contains(&h[0]))
+                .map(|(i, _)| i)
+                .collect();
+            assert_eq!(holders.len(), 1);
+            let w = &a[holders[0]];
+            assert!(
+                w.shards.contains(&h[3]) && w.shards.contains(&h[5]),
+                "seed {seed}"
+            );
+            assert_eq!(a.iter().map(|w| w.shards.len()).sum::<usize>(), 6);
+        }
     }
 
     #[test]
