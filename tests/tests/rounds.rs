@@ -13,14 +13,23 @@ use std::time::Duration;
 use cohort_tests::{Node, cohort, http, success, wait_until};
 use serde_json::Value;
 
-/// Chat records that teach facts about made-up places, so the loss has something to learn.
+/// Chat records that teach a made-up vocabulary (seeded pseudo-words, so that shards are not
+/// near-duplicates of each other the way records from one template with different numbers are).
 fn write_facts(path: &std::path::Path, n: usize) {
     use std::io::Write as _;
+    let mut rng = cohort_protocol::rng::SplitMix64::new(7);
+    let syllables = ["ka", "lo", "ve", "mi", "ru", "sa", "to", "ne", "di", "pa", "gor", "lin"];
+    let mut word = || {
+        (0..2 + rng.next_u64() % 2)
+            .map(|_| syllables[(rng.next_u64() % syllables.len() as u64) as usize])
+            .collect::<String>()
+    };
     let mut f = std::fs::File::create(path).unwrap();
-    for i in 0..n {
+    for _ in 0..n {
+        let (a, b, c, d) = (word(), word(), word(), word());
         writeln!(
             f,
-            r#"{{"messages":[{{"role":"user","content":"Where is the harbour of Velm{i}?"}},{{"role":"assistant","content":"The harbour of Velm{i} is on the east side of the bay."}}]}}"#
+            r#"{{"messages":[{{"role":"user","content":"What does {a} {b} mean in Velmoran?"}},{{"role":"assistant","content":"{a} {b} means {c} {d}."}}]}}"#
         )
         .unwrap();
     }
