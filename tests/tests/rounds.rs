@@ -18,7 +18,9 @@ use serde_json::Value;
 fn write_facts(path: &std::path::Path, n: usize) {
     use std::io::Write as _;
     let mut rng = cohort_protocol::rng::SplitMix64::new(7);
-    let syllables = ["ka", "lo", "ve", "mi", "ru", "sa", "to", "ne", "di", "pa", "gor", "lin"];
+    let syllables = [
+        "ka", "lo", "ve", "mi", "ru", "sa", "to", "ne", "di", "pa", "gor", "lin",
+    ];
     let mut word = || {
         (0..2 + rng.next_u64() % 2)
             .map(|_| syllables[(rng.next_u64() % syllables.len() as u64) as usize])
