@@ -41,7 +41,8 @@ pub struct ShardCredit {
     pub datanet: DatanetId,
     /// Who contributed it.
     pub contributor: PeerId,
-    /// Its Shapley value of validation-loss improvement.
+    /// What it earned of the round's data budget (the round's validation-loss gain), split by
+    /// its group's Shapley value; 0 for harmful and near-zero groups (the flag says which).
     pub value: Credit,
     /// How to read the value.
     pub flag: CreditFlag,
