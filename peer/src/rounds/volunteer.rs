@@ -354,11 +354,12 @@ impl Task {
                     tracing::debug!("join refused: {reason}");
                 }
             }
+            // The deadline is the machine's to watch: past it, a tick turns into StopTraining.
             WorkerAction::Train {
                 round,
                 start,
                 work,
-                deadline,
+                deadline: _,
             } => {
                 self.stop = Arc::new(AtomicBool::new(false));
                 eprintln!(
@@ -375,7 +376,6 @@ impl Task {
                     fault: self.fault.clone(),
                 };
                 let tx = trained.clone();
-                let _ = deadline;
                 self.node.spawn(async move {
                     let e = match job.train(round, start, work).await {
                         Ok(t) => WorkerEvent::Trained(t),
