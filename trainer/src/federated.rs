@@ -46,7 +46,7 @@ use crate::model::{BaseWeights, Llama, LlamaConfig, Weights};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::train::{Boundary, Hooks, Schedule, TrainConfig, TrainError, masked_loss, run};
 use crate::verify::{
-    Segment, VerifyError, batch_leaf, merkle_root, replay_segment_model, snapshot_path, state_hash,
+    Segment, VerifyError, batch_leaf, merkle_root, replay_from, snapshot_path, state_hash,
 };
 
 /// Shapley values are exact (all `2^n` coalitions) up to this many updates, GTG-Shapley
@@ -644,72 +644,17 @@ pub fn replay(
     end_step: u32,
 ) -> Result<Replay, FederatedError> {
     let p = prepare(setup, start, records, seed)?;
-    let end = end_step as usize;
-    if let Some(snapshot) = snapshot {
-        let r = replay_segment_model(p.model, &p.examples, &p.cfg, p.base.pad, snapshot, end)?;
-        return Ok(Replay {
-            start: r.start,
-            segment: r.segment,
-        });
-    }
-    if end == 0 {
-        return Err(VerifyError::BadSegment("the end step must be at least 1".into()).into());
-    }
-    let mut first = None;
-    let mut last = None;
-    let mut total = 0;
-    let mut leaves = Vec::new();
-    let mut failed = None;
-    let mut hook = |b: &Boundary<'_>| -> ControlFlow<()> {
-        total = b.total;
-        let result = if b.batch.is_empty() {
-            state_hash(b.step, b.model, b.optim).map(|h| first = Some(h))
-        } else {
-            leaves.push(batch_leaf(b.step, b.batch));
-            if b.step == end {
-                state_hash(b.step, b.model, b.optim).map(|h| last = Some(h))
-            } else {
-                Ok(())
-            }
-        };
-        match result {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(e) => {
-                failed = Some(e);
-                ControlFlow::Break(())
-            }
-        }
-    };
-    let hooks = Hooks {
-        start: None,
-        stop_after: Some(end),
-        boundary: Some(&mut hook),
-    };
-    run(
+    let r = replay_from(
         p.model,
         &p.examples,
         &p.cfg,
         p.base.pad,
-        None,
-        hooks,
-        |_| {},
+        snapshot,
+        end_step as usize,
     )?;
-    if let Some(e) = failed {
-        return Err(e.into());
-    }
-    let (Some(start), Some(state)) = (first, last) else {
-        return Err(VerifyError::BadSegment(format!(
-            "the run has {total} steps, fewer than end step {end}"
-        ))
-        .into());
-    };
     Ok(Replay {
-        start,
-        segment: Segment {
-            end_step: end,
-            state,
-            batches: merkle_root(&leaves),
-        },
+        start: r.start,
+        segment: r.segment,
     })
 }
 

@@ -474,6 +474,24 @@ pub fn replay_segment_model(
     snapshot: &Path,
     end_step: usize,
 ) -> Result<Replayed, VerifyError> {
+    replay_from(model, examples, cfg, pad, Some(snapshot), end_step)
+}
+
+/// [`replay_segment_model`] from `snapshot`, or without one from the run's own start (step 0:
+/// `model` as given, a fresh optimizer), until `end_step` steps are done.
+pub fn replay_from(
+    model: Llama,
+    examples: &[Example],
+    cfg: &TrainConfig,
+    pad: u32,
+    snapshot: Option<&Path>,
+    end_step: usize,
+) -> Result<Replayed, VerifyError> {
+    if snapshot.is_none() && end_step == 0 {
+        return Err(VerifyError::BadSegment(
+            "the end step must be at least 1".into(),
+        ));
+    }
     let mut start = None;
     let mut end = None;
     let mut total = 0;
@@ -507,7 +525,7 @@ pub fn replay_segment_model(
         }
     };
     let hooks = Hooks {
-        start: Some(snapshot),
+        start: snapshot,
         stop_after: Some(end_step),
         boundary: Some(&mut hook),
     };
