@@ -7,6 +7,7 @@
 //! action is carried out. Verification and merging run as tracked tasks on blocking threads and
 //! report back as events; when the node restarts, [`Coordinator::restore`] re-issues them.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -283,6 +284,8 @@ pub async fn create_job(node: &Arc<Node>, req: CreateJob) -> Result<JobId, Strin
     // Validation records out of every shard; the rest is what workers train on.
     let mut validation = Vec::new();
     let mut planned: Vec<PlannedShard> = Vec::new();
+    // Each shard's training records, for near-duplicate grouping.
+    let mut texts: BTreeMap<ContentHash, Vec<String>> = BTreeMap::new();
     for s in &shards {
         let records = work::shard_records(node, s).await?;
         let (train, val) = work::split(&spec, records);
@@ -290,6 +293,7 @@ pub async fn create_job(node: &Arc<Node>, req: CreateJob) -> Result<JobId, Strin
         if train.is_empty() {
             continue;
         }
+        texts.insert(s.entry.info.hash, train);
         planned.push(PlannedShard {
             hash: s.entry.info.hash,
             datanet: s.datanet,
@@ -306,7 +310,15 @@ pub async fn create_job(node: &Arc<Node>, req: CreateJob) -> Result<JobId, Strin
             req.validation_fraction
         ));
     }
-    assign_groups(node, &spec, &shards, &mut planned).await?;
+    // Near-duplicate groups: equal content first, then MinHash (see
+    // `cohort_protocol::attribution::group_shards`).
+    let keyed: Vec<(ContentHash, Vec<String>)> = planned
+        .iter()
+        .map(|p| (p.hash, texts.remove(&p.hash).unwrap_or_default()))
+        .collect();
+    for (p, g) in planned.iter_mut().zip(super::groups_of(&keyed)?) {
+        p.group = g;
+    }
     let mut text = validation.join("\n");
     text.push('\n');
     spec.validation.set = work::add_public(node, text.into_bytes(), BlobKind::Validation).await?;
@@ -342,32 +354,6 @@ pub async fn create_job(node: &Arc<Node>, req: CreateJob) -> Result<JobId, Strin
         tracing::warn!("announcing job {job}: {e}");
     }
     Ok(job)
-}
-
-/// Near-duplicate groups among the planned shards: shards whose training records are the same
-/// text share a group (content first; see `cohort_protocol::attribution` for MinHash).
-async fn assign_groups(
-    node: &Node,
-    spec: &JobSpec,
-    shards: &[JobShard],
-    planned: &mut [PlannedShard],
-) -> Result<(), String> {
-    let mut texts = Vec::new();
-    for p in planned.iter() {
-        let s = shards
-            .iter()
-            .find(|s| s.entry.info.hash == p.hash)
-            .ok_or("planned shard missing")?;
-        texts.push((
-            p.hash,
-            work::split(spec, work::shard_records(node, s).await?).0,
-        ));
-    }
-    let groups = super::groups_of(&texts)?;
-    for (p, g) in planned.iter_mut().zip(groups) {
-        p.group = g;
-    }
-    Ok(())
 }
 
 /// Restarts every unfinished job this peer owns (after a restart of the node).
