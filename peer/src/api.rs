@@ -8,10 +8,12 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -23,7 +25,6 @@ use cohort_protocol::{ContentHash, PeerId, Signed};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::identity::endpoint_id;
 use crate::import::{DEFAULT_SHARD_BYTES, ImportError, default_token_counter, import_files};
 use crate::node::Node;
 use crate::state::{DatanetRecord, StateError, StateGone, SubmissionStatus, now};
@@ -38,10 +39,16 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/api/status", get(status))
         .route("/api/datanets", get(list).post(create))
         .route("/api/datanets/{name}", get(show))
-        .route("/api/datanets/{name}/add", post(add))
+        .route(
+            "/api/datanets/{name}/add",
+            post(add).layer(DefaultBodyLimit::max(UPLOAD_LIMIT)),
+        )
         .route("/api/datanets/{name}/publish", post(publish))
         .route("/api/datanets/{name}/fetch", post(fetch))
-        .route("/api/datanets/{name}/contribute", post(contribute))
+        .route(
+            "/api/datanets/{name}/contribute",
+            post(contribute).layer(DefaultBodyLimit::max(UPLOAD_LIMIT)),
+        )
         .route("/api/submissions", get(submissions))
         .route("/api/submissions/{id}/approve", post(approve))
         .route("/api/submissions/{id}/reject", post(reject))
@@ -51,6 +58,8 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/api/sync", post(sync_now))
         .route("/api/jobs", get(list_jobs).post(create_job))
         .route("/api/jobs/{job}", get(show_job))
+        .route("/api/jobs/{job}/events", get(job_events))
+        .route("/api/models", get(models))
         .route("/api/jobs/{job}/cancel", post(cancel_job))
         .route("/api/volunteer", get(volunteer_get).post(volunteer_set))
         .route("/api/ledger", get(ledger_show))
@@ -358,12 +367,108 @@ async fn create(
 
 #[derive(Debug, Deserialize)]
 struct FilesBody {
+    /// Files on this node's disk.
+    #[serde(default)]
     files: Vec<PathBuf>,
+    /// Files sent in the request (the dashboard's drag and drop).
+    #[serde(default)]
+    uploads: Vec<Upload>,
     #[serde(default)]
     note: String,
     /// Largest shard in bytes (tests and benchmarks); default 16 MiB.
     #[serde(default)]
     shard_bytes: Option<usize>,
+}
+
+/// The largest request body of the routes that take uploads.
+const UPLOAD_LIMIT: usize = 64 << 20;
+
+/// A file sent in a request body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Upload {
+    /// Its name on the sender's machine (errors name it).
+    name: String,
+    /// Its text.
+    content: String,
+}
+
+/// Uploaded files written under the data directory for the importer, removed when dropped.
+struct Uploads {
+    dir: Option<PathBuf>,
+    paths: Vec<PathBuf>,
+}
+
+impl Uploads {
+    fn write(node: &Node, uploads: &[Upload]) -> Result<Self, ApiError> {
+        if uploads.is_empty() {
+            return Ok(Self {
+                dir: None,
+                paths: Vec::new(),
+            });
+        }
+        let internal = |e: std::io::Error| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("writing uploads: {e}"),
+            )
+        };
+        let dir = node
+            .data_dir
+            .root()
+            .join("uploads")
+            .join(hex::encode(rand::random::<[u8; 8]>()));
+        std::fs::create_dir_all(&dir).map_err(internal)?;
+        let mut out = Self {
+            dir: Some(dir.clone()),
+            paths: Vec::new(),
+        };
+        for (i, u) in uploads.iter().enumerate() {
+            // Only the last path component, and nothing hidden: the name is the sender's.
+            let name: String = u
+                .name
+                .rsplit(['/', '\\'])
+                .next()
+                .unwrap_or("")
+                .chars()
+                .filter(|c| !c.is_control())
+                .collect();
+            let name = name.trim_start_matches('.');
+            if name.is_empty() {
+                return Err(ApiError::bad(format!("uploads[{i}].name: empty")));
+            }
+            // One directory per upload keeps two files of the same name apart.
+            let path = dir.join(i.to_string()).join(name);
+            std::fs::create_dir_all(dir.join(i.to_string())).map_err(internal)?;
+            std::fs::write(&path, &u.content).map_err(internal)?;
+            out.paths.push(path);
+        }
+        Ok(out)
+    }
+
+    /// An import error, naming uploads by their own names rather than where they were written.
+    fn explain(&self, e: ImportError) -> ApiError {
+        let mut message = e.to_string();
+        if let Some(dir) = &self.dir {
+            for (i, p) in self.paths.iter().enumerate() {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default();
+                message = message.replace(&p.display().to_string(), &name);
+                message = message.replace(&dir.join(i.to_string()).display().to_string(), "");
+            }
+        }
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message)
+    }
+}
+
+impl Drop for Uploads {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            std::fs::remove_dir_all(dir).ok();
+        }
+    }
 }
 
 /// Validates and imports files into blobs (synced to disk); returns each new shard's info and
@@ -375,11 +480,13 @@ async fn import_into_blobs(
     dedup_against_store: bool,
     encrypt: Option<(crate::crypto::DatanetKey, u32)>,
 ) -> Result<(Vec<(ShardInfo, Vec<ContentHash>)>, u64, u64), ApiError> {
-    if body.files.is_empty() {
+    if body.files.is_empty() && body.uploads.is_empty() {
         return Err(ApiError::bad("no files given"));
     }
     let reader = node.state.call(|s| s.reader()).await?;
-    let files = body.files.clone();
+    let uploads = Uploads::write(node, &body.uploads)?;
+    let mut files = body.files.clone();
+    files.extend(uploads.paths.iter().cloned());
     let schema = d.schema;
     let id = d.id;
     let max = body.shard_bytes.unwrap_or(DEFAULT_SHARD_BYTES).max(1024);
@@ -389,7 +496,9 @@ async fn import_into_blobs(
         })
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| uploads.explain(e))?;
+    drop(uploads);
     let mut out = Vec::new();
     for shard in imported.shards {
         let blob = match &encrypt {
@@ -587,13 +696,10 @@ async fn contribute(
         node.state
             .call(move |s| s.record_sent_submission(&sent_copy))
             .await??;
-        let response = crate::rpc::call(
-            &node.endpoint,
-            endpoint_id(&d.owner),
-            RequestBody::Submit { submission },
-        )
-        .await
-        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
+        let response = node
+            .call(d.owner, RequestBody::Submit { submission })
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
         match response {
             RpcResponse::Accepted => sent.push(hash.to_string()),
             RpcResponse::Refused { reason } => {
@@ -729,12 +835,9 @@ async fn notify_contributor(node: &Node, record: &crate::state::SubmissionRecord
         return false;
     };
     let contributor = record.signed.signer();
-    match crate::rpc::call(
-        &node.endpoint,
-        endpoint_id(&contributor),
-        RequestBody::Decision { decision },
-    )
-    .await
+    match node
+        .call(contributor, RequestBody::Decision { decision })
+        .await
     {
         Ok(RpcResponse::Accepted) => true,
         Ok(other) => {
@@ -1049,6 +1152,14 @@ fn job_summary(
     status: Option<crate::rounds::JobStatus>,
 ) -> Value {
     let spec = r.spec.verify().ok();
+    let ends_in = status
+        .as_ref()
+        .and_then(|s| s.phase_deadline_ms)
+        .map(|t| t.saturating_sub(now().0) as f64 / 1000.0);
+    let mut status = json!(status);
+    if let Some(o) = status.as_object_mut() {
+        o.insert("phase_ends_in_s".into(), json!(ends_in));
+    }
     json!({
         "job": job.to_string(),
         "owner": r.spec.signer().to_string(),
@@ -1100,13 +1211,10 @@ async fn remote_job(node: &Node, given: &str) -> Result<Value, ApiError> {
             format!("no job `{given}` here or in the ledger"),
         ));
     };
-    let answer = crate::rpc::call(
-        &node.endpoint,
-        endpoint_id(&coordinator),
-        RequestBody::GetJob { job },
-    )
-    .await
-    .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    let answer = node
+        .call(coordinator, RequestBody::GetJob { job })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
     let spec = match answer {
         RpcResponse::Job { spec: Some(spec) }
             if spec.signer() == coordinator && cohort_protocol::types::JobId::of(&spec) == job =>
@@ -1134,10 +1242,15 @@ async fn remote_job(node: &Node, given: &str) -> Result<Value, ApiError> {
 }
 
 async fn show_job(State(node): State<AppState>, Path(given): Path<String>) -> ApiResult {
-    let (job, record) = match resolve_job(&node, &given).await {
+    job_json(&node, &given).await.map(Json)
+}
+
+/// What `GET /api/jobs/{job}` answers: the job's summary, its closed rounds and its spec.
+async fn job_json(node: &Node, given: &str) -> Result<Value, ApiError> {
+    let (job, record) = match resolve_job(node, given).await {
         Ok(found) => found,
         Err(e) if e.status == StatusCode::NOT_FOUND => {
-            return remote_job(&node, &given).await.map(Json);
+            return remote_job(node, given).await;
         }
         Err(e) => return Err(e),
     };
@@ -1157,6 +1270,7 @@ async fn show_job(State(node): State<AppState>, Path(given): Path<String>) -> Ap
                 "validation_loss_before": c.validation_loss_before,
                 "validation_loss_after": c.validation_loss_after,
                 "truncation_error": c.truncation_error,
+                "closed_at_ms": c.closed_at.0,
                 "verdicts": c.verdicts.iter().map(|v| json!({
                     "worker": v.worker.to_string(),
                     "commit": v.commit.to_string(),
@@ -1168,6 +1282,7 @@ async fn show_job(State(node): State<AppState>, Path(given): Path<String>) -> Ap
     let mut v = job_summary(&job, &record, node.rounds.status(&job));
     v["closed_rounds"] = json!(rounds);
     if let Ok(spec) = record.spec.verify() {
+        v["created_at_ms"] = json!(spec.created_at.0);
         v["spec"] = json!({
             "rank": spec.adapter.rank,
             "alpha": spec.adapter.alpha,
@@ -1185,7 +1300,86 @@ async fn show_job(State(node): State<AppState>, Path(given): Path<String>) -> Ap
             })).collect::<Vec<_>>(),
         });
     }
-    Ok(Json(v))
+    Ok(v)
+}
+
+/// `GET /api/models`: the base models in this node's model cache (what a job's `model` names).
+async fn models() -> ApiResult {
+    let list = tokio::task::spawn_blocking(cohort_trainer::models::list)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let default = cohort_trainer::models::default_model_path();
+    let models: Vec<Value> = list
+        .into_iter()
+        .map(|(path, info)| {
+            let file = path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            match info {
+                Ok(m) => json!({
+                    "name": file,
+                    "title": m.name,
+                    "architecture": m.architecture,
+                    "hash": m.hash.to_string(),
+                    "bytes": m.size_bytes,
+                    "params": m.config.as_ref().ok().map(|c| c.num_params()),
+                    "runnable": m.config.as_ref().err(),
+                    "default": path == default,
+                }),
+                Err(e) => json!({ "name": file, "error": e.to_string(), "default": false }),
+            }
+        })
+        .collect();
+    Ok(Json(json!({ "models": models })))
+}
+
+/// `GET /api/jobs/{job}/events`: server-sent events, `job` with the JSON of `GET /api/jobs/{job}`
+/// on connect and on every change, then `end` once the job has finished.
+async fn job_events(
+    State(node): State<AppState>,
+    Path(given): Path<String>,
+) -> Result<Sse<impl n0_future::Stream<Item = Result<Event, std::convert::Infallible>>>, ApiError> {
+    // Unknown jobs are a 404 before the stream starts.
+    let first = job_json(&node, &given).await?;
+    let stream = n0_future::stream::unfold(
+        (node, given, Some(first), None::<String>, false),
+        |(node, given, mut next, mut last, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                let v = match next.take() {
+                    Some(v) => v,
+                    None => {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        match job_json(&node, &given).await {
+                            Ok(v) => v,
+                            Err(e) => {
+                                let err = Event::default()
+                                    .event("error")
+                                    .data(json!({ "error": e.message }).to_string());
+                                return Some((Ok(err), (node, given, None, last, true)));
+                            }
+                        }
+                    }
+                };
+                let text = v.to_string();
+                if last.as_deref() == Some(text.as_str()) {
+                    if v["finished"] == json!(true) {
+                        let end = Event::default().event("end").data("{}");
+                        return Some((Ok(end), (node, given, None, last, true)));
+                    }
+                    continue;
+                }
+                last = Some(text.clone());
+                let event = Event::default().event("job").data(text);
+                return Some((Ok(event), (node, given, None, last, false)));
+            }
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 async fn cancel_job(

@@ -22,70 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use cohort_peer::client::Client;
-use cohort_peer::data_dir::DataDir;
 use serde_json::{Value, json};
 
-/// A `cohort up` child process, stopped with SIGTERM when dropped.
-struct Proc {
-    dir: PathBuf,
-    child: Child,
-    client: Client,
-}
-
-impl Proc {
-    fn start(dir: &Path, bootstrap: Option<&str>) -> anyhow::Result<Proc> {
-        match bootstrap {
-            Some(b) => Self::start_with(dir, &["--bootstrap", b]),
-            None => Self::start_with(dir, &[]),
-        }
-    }
-
-    fn start_with(dir: &Path, args: &[&str]) -> anyhow::Result<Proc> {
-        let exe = std::env::current_exe()?;
-        DataDir::new(dir).init()?;
-        std::fs::remove_file(dir.join("node.json")).ok();
-        let log = std::fs::File::create(dir.with_extension("log"))?;
-        let mut cmd = Command::new(&exe);
-        cmd.arg("--data-dir")
-            .arg(dir)
-            .args(["up", "--sync-interval-ms", "2000"])
-            .env_remove("COHORT_DATA_DIR")
-            .stdout(Stdio::null())
-            .stderr(log);
-        cmd.args(args);
-        let child = cmd.spawn().context("starting cohort up")?;
-        let start = Instant::now();
-        let client = loop {
-            if let Ok(c) = Client::for_data_dir(&DataDir::new(dir))
-                && c.node.pid == child.id()
-            {
-                break c;
-            }
-            anyhow::ensure!(
-                start.elapsed() < Duration::from_secs(60),
-                "node in {} did not start",
-                dir.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Ok(Proc {
-            dir: dir.to_path_buf(),
-            child,
-            client,
-        })
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let pid = self.child.id().to_string();
-        if Command::new("kill").args(["-TERM", &pid]).status().is_err() {
-            self.child.kill().ok();
-        }
-        self.child.wait().ok();
-        tracing::debug!("stopped node in {}", self.dir.display());
-    }
-}
+use crate::procs::Proc;
 
 fn wait_version(c: &Client, id: &str, version: u64, deadline: Duration) -> anyhow::Result<()> {
     let start = Instant::now();

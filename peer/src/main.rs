@@ -2,7 +2,9 @@
 #![allow(clippy::print_stdout)]
 
 mod bench;
+mod demo;
 mod model_cli;
+mod procs;
 
 /// burn's CPU backend allocates a fresh buffer for every tensor; glibc's malloc hands large
 /// freed buffers back to the kernel at once and page-faults them in again on the next step
@@ -70,6 +72,30 @@ enum Command {
     Adapter {
         #[command(subcommand)]
         command: model_cli::AdapterCommand,
+    },
+    /// A whole Cohort network on 127.0.0.1 (data owner, contributor, job owner, volunteers as
+    /// separate processes): publishes datanets, runs a federated job, shows each round's
+    /// validation loss and the credits, then serves the dashboard, chat and the OpenAI API until
+    /// Ctrl-C, which stops every process it started.
+    Demo {
+        /// A tiny generated model instead of the default one: the whole run takes about a
+        /// minute.
+        #[arg(long)]
+        quick: bool,
+        /// Where the peers' data directories go (new or empty; kept afterwards). Default: a
+        /// temporary directory, removed at the end.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// The job owner's HTTP address: the dashboard and the OpenAI-compatible API (port 0
+        /// picks a free one).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        http: SocketAddr,
+        /// Volunteers.
+        #[arg(long, default_value_t = 2)]
+        volunteers: usize,
+        /// Rounds of the job (default 3 with --quick, 2 on the default model).
+        #[arg(long)]
+        rounds: Option<u32>,
     },
     /// Run the node: iroh endpoint (gossip, blobs, cohort/1), metadata store and the HTTP API,
     /// until SIGINT or SIGTERM. Writes node.json into the data directory once ready.
@@ -1139,6 +1165,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}  {}", hash_file(path)?, path.display());
             }
         }
+        Command::Demo {
+            quick,
+            dir,
+            http,
+            volunteers,
+            rounds,
+        } => demo::run(&demo::DemoOptions {
+            quick: *quick,
+            dir: dir.clone(),
+            http: *http,
+            volunteers: *volunteers,
+            rounds: *rounds,
+        })?,
         Command::Up {
             http,
             bind,

@@ -278,6 +278,33 @@ impl Node {
         }
     }
 
+    /// Calls `peer` over cohort/1, looking its address up first if need be ([`Self::locate`]).
+    pub async fn call(&self, peer: PeerId, body: RequestBody) -> Result<Response, rpc::CallError> {
+        self.locate(peer).await;
+        rpc::call(&self.endpoint, endpoint_id(&peer), body).await
+    }
+
+    /// Makes sure the endpoint can dial `peer`: a peer whose address it has not been told
+    /// (not a bootstrap peer, never resolved) is looked up in the DHT. On loopback networks
+    /// there is no other address lookup; a peer known only by its id (a job's owner, from a
+    /// gossip announcement relayed by another peer) is otherwise unreachable.
+    pub async fn locate(&self, peer: PeerId) {
+        if peer == self.me() || self.lookup.get_endpoint_info(endpoint_id(&peer)).is_some() {
+            return;
+        }
+        match self.dht.handle().resolve(peer).await {
+            Ok(found) if !found.addrs.is_empty() => {
+                let mut addr = EndpointAddr::new(endpoint_id(&peer));
+                for a in &found.addrs {
+                    addr = addr.with_ip_addr(*a);
+                }
+                self.lookup.add_endpoint_info(addr);
+            }
+            Ok(_) => tracing::debug!("resolving {}: no addresses", peer.short()),
+            Err(e) => tracing::debug!("resolving {}: {e}", peer.short()),
+        }
+    }
+
     /// Peers known for anti-entropy.
     pub fn known_peers(&self) -> Vec<PeerId> {
         lock(&self.known).iter().copied().collect()
@@ -379,13 +406,10 @@ impl Node {
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?
                 .map_or(0, |h| h.seq + 1);
-            let answer = rpc::call(
-                &self.endpoint,
-                endpoint_id(&coordinator),
-                RequestBody::GetLedger { coordinator, from },
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            let answer = self
+                .call(coordinator, RequestBody::GetLedger { coordinator, from })
+                .await
+                .map_err(|e| e.to_string())?;
             let Response::Ledger { entries } = answer else {
                 return Err(format!("unexpected answer: {answer:?}"));
             };
@@ -904,13 +928,10 @@ impl Node {
         datanet: cohort_protocol::types::DatanetId,
         owner: PeerId,
     ) -> Result<usize, String> {
-        let response = rpc::call(
-            &self.endpoint,
-            endpoint_id(&owner),
-            RequestBody::GetGrants { datanet },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let response = self
+            .call(owner, RequestBody::GetGrants { datanet })
+            .await
+            .map_err(|e| e.to_string())?;
         let grants = match response {
             Response::Grants { grants } => grants,
             Response::Refused { reason } => return Err(format!("the owner refused: {reason}")),

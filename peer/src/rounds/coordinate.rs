@@ -460,7 +460,23 @@ impl Task {
                 CoordinatorEvent::Commit(m) => Some(m.signer()),
                 _ => None,
             };
+            let committed = match &event {
+                CoordinatorEvent::Commit(m) => m.verify().ok().map(|c| (c.round, c.losses.clone())),
+                _ => None,
+            };
             let actions = self.machine.handle(now(), event, &self.node.keypair);
+            if let (Some((round, losses)), Some(from)) = (committed, from)
+                && !actions
+                    .iter()
+                    .any(|a| matches!(a, CoordinatorAction::Refused { from: f, .. } if *f == from))
+            {
+                self.node.rounds.update_status(self.job, |s| {
+                    s.worker_losses
+                        .entry(round)
+                        .or_default()
+                        .insert(from.to_string(), losses);
+                });
+            }
             if let Some(reply) = reply {
                 let refused = actions.iter().find_map(|a| match a {
                     CoordinatorAction::Refused { from: f, why } if Some(*f) == from => {
@@ -570,6 +586,8 @@ impl Task {
                 .iter()
                 .map(|p| p.to_string())
                 .collect();
+            s.assigned = self.assigned_work();
+            s.phase_deadline_ms = self.machine.next_deadline().map(|t| t.0);
             s.finished = finished || s.finished;
         });
         for a in actions {
@@ -598,6 +616,34 @@ impl Task {
                 }
             }
         }
+    }
+
+    /// Shards and tokens per worker in the current round's assignment.
+    fn assigned_work(&self) -> BTreeMap<String, super::AssignedWork> {
+        let tokens: BTreeMap<ContentHash, u64> = self
+            .record
+            .shards
+            .iter()
+            .map(|s| (s.hash, s.tokens))
+            .collect();
+        let Some(assignment) = self
+            .machine
+            .current_assignment()
+            .and_then(|a| a.verify().ok())
+        else {
+            return BTreeMap::new();
+        };
+        assignment
+            .work
+            .iter()
+            .map(|w| {
+                let work = super::AssignedWork {
+                    shards: w.shards.len(),
+                    tokens: w.shards.iter().filter_map(|h| tokens.get(h)).sum(),
+                };
+                (w.worker.to_string(), work)
+            })
+            .collect()
     }
 
     async fn publish(&self, p: Published) {
@@ -929,13 +975,14 @@ async fn snapshot_dir(
     worker: PeerId,
     state: ContentHash,
 ) -> Result<PathBuf, String> {
-    let answer = crate::rpc::call(
-        &ctx.node.endpoint,
-        crate::identity::endpoint_id(&worker),
-        cohort_protocol::types::rpc::RequestBody::GetSnapshot { state },
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let answer = ctx
+        .node
+        .call(
+            worker,
+            cohort_protocol::types::rpc::RequestBody::GetSnapshot { state },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
     let blob = match answer {
         cohort_protocol::types::rpc::Response::Snapshot { blob: Some(b) } => b,
         other => return Err(format!("no snapshot: {other:?}")),

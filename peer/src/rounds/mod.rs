@@ -265,12 +265,27 @@ pub struct JobStatus {
     pub losses: BTreeMap<u32, Vec<f32>>,
     /// Peers enrolled or assigned this round.
     pub workers: Vec<String>,
+    /// Training loss per step of each accepted update, by round and worker (coordinator).
+    pub worker_losses: BTreeMap<u32, BTreeMap<String, Vec<f32>>>,
+    /// The current round's work by worker, once assigned (coordinator).
+    pub assigned: BTreeMap<String, AssignedWork>,
+    /// When the current phase's deadline falls (unix ms), if it has one.
+    pub phase_deadline_ms: Option<u64>,
     /// Refused messages by reason.
     pub refused: BTreeMap<String, u64>,
     /// The job has ended.
     pub finished: bool,
     /// The last error the driver hit, if any.
     pub last_error: Option<String>,
+}
+
+/// One worker's share of a round.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AssignedWork {
+    /// Shards assigned.
+    pub shards: usize,
+    /// Their training tokens.
+    pub tokens: u64,
 }
 
 impl Rounds {

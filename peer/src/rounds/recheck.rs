@@ -20,7 +20,6 @@ use cohort_protocol::types::{JobId, JobSpec, LedgerEntry, RoundOutcome};
 use cohort_protocol::{ContentHash, PeerId, Signed};
 
 use super::work;
-use crate::identity::endpoint_id;
 use crate::node::Node;
 use crate::store::Batch;
 
@@ -78,13 +77,10 @@ async fn record_of(node: &Node, e: &LedgerEntry) -> Result<RoundRecord, String> 
             .map_err(|x| x.to_string())?
             .ok_or_else(|| format!("no record of round {round} here"));
     }
-    match crate::rpc::call(
-        &node.endpoint,
-        endpoint_id(&e.coordinator),
-        RequestBody::GetRoundRecord { job, round },
-    )
-    .await
-    .map_err(|x| format!("asking the coordinator for the round: {x}"))?
+    match node
+        .call(e.coordinator, RequestBody::GetRoundRecord { job, round })
+        .await
+        .map_err(|x| format!("asking the coordinator for the round: {x}"))?
     {
         Response::RoundRecord { record: Some(r) } => Ok(*r),
         other => Err(format!(
@@ -96,13 +92,10 @@ async fn record_of(node: &Node, e: &LedgerEntry) -> Result<RoundRecord, String> 
 async fn spec_of(node: &Node, job: JobId, coordinator: PeerId) -> Result<JobSpec, String> {
     let signed = match super::volunteer::job_spec(node, job).await {
         Some(s) => s,
-        None => match crate::rpc::call(
-            &node.endpoint,
-            endpoint_id(&coordinator),
-            RequestBody::GetJob { job },
-        )
-        .await
-        .map_err(|x| format!("asking the coordinator for the job: {x}"))?
+        None => match node
+            .call(coordinator, RequestBody::GetJob { job })
+            .await
+            .map_err(|x| format!("asking the coordinator for the job: {x}"))?
         {
             Response::Job { spec: Some(s) } => s,
             other => return Err(format!("the coordinator did not give the job: {other:?}")),

@@ -21,9 +21,7 @@ use tokio::sync::mpsc;
 
 use super::work::{self};
 use super::{BlobKind, JobRecord, Role};
-use crate::identity::endpoint_id;
 use crate::node::Node;
-use crate::rpc;
 use crate::state::now;
 use crate::store::Batch;
 
@@ -120,12 +118,7 @@ pub async fn consider(node: &Arc<Node>, owner: PeerId, job: JobId) {
     {
         return;
     }
-    let answer = rpc::call(
-        &node.endpoint,
-        endpoint_id(&owner),
-        RequestBody::GetJob { job },
-    )
-    .await;
+    let answer = node.call(owner, RequestBody::GetJob { job }).await;
     let spec = match answer {
         Ok(Response::Job { spec: Some(s) }) => s,
         Ok(other) => {
@@ -204,7 +197,7 @@ pub async fn discover(node: &Arc<Node>) {
         return;
     }
     for peer in node.known_peers() {
-        match rpc::call(&node.endpoint, endpoint_id(&peer), RequestBody::Jobs).await {
+        match node.call(peer, RequestBody::Jobs).await {
             Ok(Response::Jobs { jobs }) => {
                 for job in jobs {
                     consider(node, peer, job).await;
@@ -303,12 +296,10 @@ impl Task {
     /// last close, the open, the assignment.
     async fn ask(&self) -> Vec<WorkerEvent> {
         let job = self.job;
-        match rpc::call(
-            &self.node.endpoint,
-            endpoint_id(&self.owner),
-            RequestBody::GetRound { job },
-        )
-        .await
+        match self
+            .node
+            .call(self.owner, RequestBody::GetRound { job })
+            .await
         {
             Ok(Response::Round {
                 open,
@@ -344,12 +335,10 @@ impl Task {
     async fn act(&mut self, a: WorkerAction, trained: &mpsc::Sender<WorkerEvent>) -> bool {
         match a {
             WorkerAction::SendJoin(m) => {
-                let r = rpc::call(
-                    &self.node.endpoint,
-                    endpoint_id(&self.owner),
-                    RequestBody::Join { join: m },
-                )
-                .await;
+                let r = self
+                    .node
+                    .call(self.owner, RequestBody::Join { join: m })
+                    .await;
                 if let Ok(Response::Refused { reason }) = &r {
                     tracing::debug!("join refused: {reason}");
                 }
@@ -397,12 +386,9 @@ impl Task {
                 // Retried until the coordinator answers (it may be restarting).
                 self.node.spawn(async move {
                     for attempt in 0..60 {
-                        match rpc::call(
-                            &node.endpoint,
-                            endpoint_id(&owner),
-                            RequestBody::Commit { commit: m.clone() },
-                        )
-                        .await
+                        match node
+                            .call(owner, RequestBody::Commit { commit: m.clone() })
+                            .await
                         {
                             Ok(Response::Accepted) => return,
                             Ok(Response::Refused { reason }) => {

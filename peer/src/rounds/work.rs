@@ -243,13 +243,25 @@ pub async fn shard_records(node: &Node, shard: &JobShard) -> Result<Vec<String>,
         None => bytes.to_vec(),
         Some(epoch) => {
             let id = shard.datanet;
-            let key = node
-                .state
-                .call(move |s| s.datanet_key(&id, epoch))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("shard {hash}: no key for epoch {epoch}: not granted"))?;
+            let stored = || async move {
+                node.state
+                    .call(move |s| s.datanet_key(&id, epoch))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())
+            };
+            let key = match stored().await? {
+                Some(key) => key,
+                // Not asked for yet: the owner hands this peer's grants out on request.
+                None => {
+                    node.fetch_grants(id, shard.owner)
+                        .await
+                        .map_err(|e| format!("shard {hash}: no key for epoch {epoch}: {e}"))?;
+                    stored().await?.ok_or_else(|| {
+                        format!("shard {hash}: no key for epoch {epoch}: not granted")
+                    })?
+                }
+            };
             crate::crypto::decrypt_shard(&key, &id, epoch, &bytes).map_err(|e| e.to_string())?
         }
     };
