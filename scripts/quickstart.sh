@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The README's first command: sets up this machine and runs Cohort's main job.
+# The README's first command: sets up this machine and runs Cohort's main job, `cohort demo`.
 #
-# Today the main job is what exists of Cohort: it fetches the default base model
-# (SmolLM2-135M-Instruct) into the model cache, builds `cohort`, initialises a peer's data
-# directory (key + metadata store), shows the peer's identity, and asks the base model a question.
-# It grows into `cohort demo` (a whole network on loopback) as the node, rounds and dashboard land.
+# It installs what the build needs, fetches the default base model (SmolLM2-135M-Instruct) into
+# the model cache, builds `cohort`, and starts a whole Cohort network on 127.0.0.1: a data owner
+# with two datanets (one private), a contributor, a job owner and volunteers, who run a federated
+# LoRA job; it prints the dashboard's address, each round's validation loss and the credits, and
+# keeps serving the dashboard, chat and the OpenAI-compatible API until Ctrl-C.
 #
-# Environment: COHORT_DATA_DIR (default ~/.cohort) picks the data directory; COHORT_BIN runs an
-# already built `cohort` instead of building one (the test of this script uses it).
+# Arguments go to `cohort demo`: `--quick` runs on a tiny generated model (about a minute),
+# `--dir DIR` keeps the peers' data directories, `--http 127.0.0.1:PORT` fixes the dashboard's
+# port. COHORT_BIN runs an already built `cohort` instead of building one (the test of this
+# script uses it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,20 +21,5 @@ if [ -z "${COHORT_BIN:-}" ]; then
   cargo build --locked -p cohort-peer --bin cohort
   COHORT_BIN="${CARGO_TARGET_DIR:-target}/debug/cohort"
 fi
-export COHORT_DATA_DIR="${COHORT_DATA_DIR:-$HOME/.cohort}"
 
-peer_id=$("$COHORT_BIN" init)
-echo
-echo "Cohort peer ready."
-echo "  data directory: $COHORT_DATA_DIR"
-echo "  peer id:        $peer_id"
-echo
-echo "Base models in the cache:"
-"$COHORT_BIN" model list
-echo
-question="What is the capital of France?"
-echo "Asking the base model: $question"
-"$COHORT_BIN" chat --prompt "$question"
-echo
-echo "Commands available now:"
-"$COHORT_BIN" --help | sed -n '/^Commands:/,/^$/p' | sed '1d;$d'
+exec "$COHORT_BIN" demo "$@"

@@ -195,20 +195,30 @@ fn demo(o: &DemoOptions, dir: &Path) -> anyhow::Result<()> {
         })
     };
     let owner = start("data-owner", "data owner", &[])?;
+    // Everyone joins the data owner's gossip and DHT.
     let boot = owner.proc.client.node.bootstrap.clone();
+    let dht = owner
+        .proc
+        .client
+        .node
+        .dht_addrs
+        .first()
+        .cloned()
+        .context("the data owner's DHT address")?;
+    let join = ["--bootstrap", &boot, "--dht-bootstrap", &dht];
     let http = o.http.to_string();
     let lab = start(
         "job-owner",
         "job owner",
-        &["--bootstrap", &boot, "--http", &http],
+        &[&join[..], &["--http", &http]].concat(),
     )?;
-    let contributor = start("contributor", "contributor", &["--bootstrap", &boot])?;
+    let contributor = start("contributor", "contributor", &join)?;
     let mut volunteers = Vec::new();
     for i in 1..=o.volunteers {
         volunteers.push(start(
             &format!("volunteer-{i}"),
             &format!("volunteer {i}"),
-            &["--bootstrap", &boot, "--volunteer"],
+            &[&join[..], &["--volunteer"]].concat(),
         )?);
     }
     let token = std::fs::read_to_string(lab.proc.dir.join("api.token"))
@@ -225,7 +235,7 @@ fn demo(o: &DemoOptions, dir: &Path) -> anyhow::Result<()> {
         "model": model,
         "peers": std::iter::once(&owner).chain([&lab, &contributor]).chain(volunteers.iter())
             .map(|p| json!({
-                "role": p.role, "peer_id": p.id(), "data_dir": p.proc.dir,
+                "role": p.role, "peer_id": p.id(), "data_dir": p.proc.dir, "pid": p.proc.pid(),
                 "http": p.api().node.http.to_string(),
             }))
             .collect::<Vec<_>>(),
@@ -578,30 +588,29 @@ fn print_credits(
         "\nCredits of the job, from the job owner's signed ledger ({} entries):",
         entries.len()
     );
-    println!("\n| round | datanet | shard | contributor | credit | flag |");
-    println!("|---|---|---|---|---|---|");
+    let mut per_shard: BTreeMap<(String, String), (String, f64, Vec<String>)> = BTreeMap::new();
     let mut per_contributor: BTreeMap<String, f64> = BTreeMap::new();
     let mut per_volunteer: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for e in &entries {
         for d in e["data"].as_array().into_iter().flatten() {
             let contributor = name_of(names, d["contributor"].as_str().unwrap_or(""));
-            let credit = d["credit"].as_str().unwrap_or("0");
-            *per_contributor.entry(contributor.clone()).or_default() +=
-                credit.parse::<f64>().unwrap_or(0.0);
-            println!(
-                "| {} | {} | {} | {contributor} | {credit} | {} |",
-                e["round"],
-                datanets
-                    .get(d["datanet"].as_str().unwrap_or(""))
-                    .map_or("?", String::as_str),
-                d["shard"]
-                    .as_str()
-                    .unwrap_or("")
-                    .chars()
-                    .take(12)
-                    .collect::<String>(),
-                d["flag"].as_str().unwrap_or("")
-            );
+            let credit = d["credit"]
+                .as_str()
+                .and_then(|c| c.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            *per_contributor.entry(contributor.clone()).or_default() += credit;
+            let datanet = datanets
+                .get(d["datanet"].as_str().unwrap_or(""))
+                .cloned()
+                .unwrap_or_else(|| "?".into());
+            let shard: String = d["shard"].as_str().unwrap_or("").chars().take(12).collect();
+            let row = per_shard
+                .entry((datanet, shard))
+                .or_insert_with(|| (contributor, 0.0, Vec::new()));
+            row.1 += credit;
+            if let Some(flag) = d["flag"].as_str().filter(|f| *f != "Normal") {
+                row.2.push(format!("round {}: {flag}", e["round"]));
+            }
         }
         for c in e["compute"].as_array().into_iter().flatten() {
             let v = per_volunteer
@@ -613,6 +622,14 @@ fn print_credits(
                 v.1 += 1;
             }
         }
+    }
+    println!("\n| datanet | shard | contributor | credit, all rounds (nats) | flags |");
+    println!("|---|---|---|---|---|");
+    for ((datanet, shard), (who, credit, flags)) in &per_shard {
+        println!(
+            "| {datanet} | {shard} | {who} | {credit:.6} | {} |",
+            flags.join(", ")
+        );
     }
     println!("\n| contributor | data credit (nats of validation loss) |");
     println!("|---|---|");

@@ -56,6 +56,8 @@ pub const NODE_FILE: &str = "node.json";
 pub const TOKEN_FILE: &str = "api.token";
 /// Most peers remembered for anti-entropy.
 pub const MAX_KNOWN_PEERS: usize = 256;
+/// How long [`Node::locate`] waits before asking the DHT again about a peer.
+const LOCATE_RETRY: Duration = Duration::from_secs(30);
 /// How long connecting to a blob provider may take before the next one is tried.
 const BLOB_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Gossip's message limit; announcements are checked against a smaller one before sending.
@@ -244,6 +246,8 @@ pub struct Node {
     pub known: Mutex<BTreeSet<PeerId>>,
     /// Gossip neighbours now.
     pub neighbours: Mutex<BTreeSet<PeerId>>,
+    /// When [`Node::locate`] last asked the DHT for each peer it could not dial.
+    located: Mutex<std::collections::HashMap<PeerId, Instant>>,
     /// Federated rounds: coordinators, workers, the volunteer switch.
     pub rounds: crate::rounds::Rounds,
     /// A weak handle to this node, for tasks it starts itself.
@@ -289,8 +293,22 @@ impl Node {
     /// there is no other address lookup; a peer known only by its id (a job's owner, from a
     /// gossip announcement relayed by another peer) is otherwise unreachable.
     pub async fn locate(&self, peer: PeerId) {
-        if peer == self.me() || self.lookup.get_endpoint_info(endpoint_id(&peer)).is_some() {
+        let id = endpoint_id(&peer);
+        if peer == self.me()
+            || self.lookup.get_endpoint_info(id).is_some()
+            || self.endpoint.remote_info(id).await.is_some()
+        {
             return;
+        }
+        // A peer the DHT could not place is not asked about again for a while.
+        {
+            let mut tried = lock(&self.located);
+            let now = Instant::now();
+            tried.retain(|_, at| now.duration_since(*at) < LOCATE_RETRY);
+            if tried.contains_key(&peer) {
+                return;
+            }
+            tried.insert(peer, now);
         }
         match self.dht.handle().resolve(peer).await {
             Ok(found) if !found.addrs.is_empty() => {
@@ -1573,6 +1591,7 @@ pub async fn run(config: NodeConfig, cancel: CancellationToken) -> Result<(), No
         started: Instant::now(),
         data_dir: dir.clone(),
         http,
+        located: Mutex::default(),
         known: Mutex::new(
             config
                 .bootstrap

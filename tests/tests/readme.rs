@@ -2,42 +2,137 @@
 //! command.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use cohort_protocol::PeerId;
-use cohort_tests::{cohort, cohort_bin, readme_block, repo_root, success};
+use cohort_tests::{cohort_bin, http, readme_block, repo_root, success};
+use serde_json::Value;
 
 #[test]
 fn the_quick_start_runs_as_written() {
+    use std::io::{BufRead as _, BufReader};
+    use std::os::unix::process::CommandExt as _;
+
     let command = readme_block("quickstart");
     assert!(!command.trim().is_empty());
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let quick = format!("{} --quick", command.trim());
+    assert!(
+        readme.contains(&quick),
+        "the README does not say `{quick}` (what this test runs)"
+    );
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    // COHORT_BIN: use the binary this test run built instead of building another.
-    let out = success(
-        std::process::Command::new("bash")
-            .arg("-euo")
-            .arg("pipefail")
-            .arg("-c")
-            .arg(&command)
-            .current_dir(repo_root())
-            .env("COHORT_BIN", cohort_bin())
-            .env("COHORT_DATA_DIR", &data)
-            .output()
-            .unwrap(),
-    );
-    let id = success(cohort(&data).arg("id").output().unwrap());
-    let id: PeerId = id.trim().parse().unwrap();
+    let demo = tmp.path().join("demo");
+    // COHORT_BIN: use the binary this test run built instead of building another. The demo
+    // runs in its own process group, so that Ctrl-C can be sent to it as a terminal would.
+    let mut child = std::process::Command::new("bash")
+        .arg("-euo")
+        .arg("pipefail")
+        .arg("-c")
+        .arg(format!("{quick} --dir {}", demo.display()))
+        .current_dir(repo_root())
+        .env("COHORT_BIN", cohort_bin())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let group = child.id();
+    let stop_group = |signal: &str| {
+        std::process::Command::new("kill")
+            .args([signal, "--", &format!("-{group}")])
+            .status()
+            .ok();
+    };
+    // Read the demo's output until it says it is serving (or ends).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            println!("{line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    while !out.contains("Serving until Ctrl-C.") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                out.push_str(&line);
+                out.push('\n');
+            }
+            Err(_) => {
+                stop_group("-KILL");
+                panic!("the demo did not reach `Serving until Ctrl-C.`:\n{out}");
+            }
+        }
+    }
+    let info: Value =
+        serde_json::from_slice(&std::fs::read(demo.join("demo.json")).unwrap()).unwrap();
+    assert_eq!(info["state"], "serving", "{info}");
+
+    // The story, as printed: datanets, the approved contribution, every round, the credits.
+    for expected in [
+        "velmora-atlas v1 (public)",
+        "velmora-archive v1 (private",
+        "approved 2 submissions into velmora-atlas v2",
+        "round 0: validation loss",
+        "round 2: validation loss",
+        "| contributor | data credit",
+        "| volunteer 1 |",
+        "every entry holds",
+    ] {
+        assert!(out.contains(expected), "no `{expected}` in:\n{out}");
+    }
+    // The rounds learned something: the last validation loss is below the first.
+    let losses: Vec<f64> = out
+        .lines()
+        .filter(|l| l.starts_with("round ") && l.contains("validation loss"))
+        .filter_map(|l| {
+            let (_, rest) = l.split_once("validation loss ")?;
+            let (before, rest) = rest.split_once(" -> ")?;
+            let after = rest.split_whitespace().next()?;
+            Some((before.parse::<f64>().ok()?, after.parse::<f64>().ok()?))
+        })
+        .flat_map(|(b, a)| [b, a])
+        .collect();
     assert!(
-        out.contains(&id.to_string()),
-        "the quick start does not show the peer id:\n{out}"
+        losses.len() >= 6 && losses.last() < losses.first(),
+        "validation losses {losses:?}"
     );
-    assert!(
-        out.contains("init"),
-        "the quick start does not list the commands:\n{out}"
-    );
-    assert!(
-        out.contains("Paris"),
-        "the base model's answer in the quick start does not mention Paris:\n{out}"
-    );
+    // The job owner serves the merged adapter through the OpenAI-compatible API.
+    let api = info["api"].as_str().unwrap().trim_start_matches("http://");
+    let body = serde_json::json!({
+        "model": info["chat_model"],
+        "messages": [{"role": "user", "content": "What is the capital of Velmora?"}],
+        "max_tokens": 8,
+    });
+    let (status, _, answer) = http(api, "POST", "/v1/chat/completions", &[], Some(&body.to_string()));
+    assert_eq!(status, 200, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["model"], info["chat_model"], "{answer}");
+    assert!(answer["usage"]["completion_tokens"].as_u64() > Some(0), "{answer}");
+
+    // Ctrl-C stops every process the demo started.
+    stop_group("-INT");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the demo exited with {status}");
+    let pids: Vec<u64> = info["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 5, "{info}");
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z ")),
+            "process {pid} of the demo still runs after Ctrl-C"
+        );
+    }
 }
 
 #[test]
