@@ -108,11 +108,20 @@ fn the_quick_start_runs_as_written() {
         "messages": [{"role": "user", "content": "What is the capital of Velmora?"}],
         "max_tokens": 8,
     });
-    let (status, _, answer) = http(api, "POST", "/v1/chat/completions", &[], Some(&body.to_string()));
+    let (status, _, answer) = http(
+        api,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(&body.to_string()),
+    );
     assert_eq!(status, 200, "{answer}");
     let answer: Value = serde_json::from_str(&answer).unwrap();
     assert_eq!(answer["model"], info["chat_model"], "{answer}");
-    assert!(answer["usage"]["completion_tokens"].as_u64() > Some(0), "{answer}");
+    assert!(
+        answer["usage"]["completion_tokens"].as_u64() > Some(0),
+        "{answer}"
+    );
 
     // Ctrl-C stops every process the demo started.
     stop_group("-INT");
