@@ -35,7 +35,7 @@ use axum::{Json, Router};
 use cohort_trainer::adapter::AdapterWeights;
 use cohort_trainer::engine::{Engine, EngineCache, EngineError, Logits};
 use cohort_trainer::generate::{
-    CausalLm, FinishReason, GenerateError, Generation, SamplingParams, generate,
+    CausalLm, FinishReason, GenerateError, Generation, Piece, SamplingParams, generate_pieces,
 };
 use cohort_trainer::gguf::GgufFile;
 use cohort_trainer::models;
@@ -1091,11 +1091,11 @@ async fn handle(
     }
 }
 
-/// Runs a generation on a blocking thread; `on_text` gets each final piece of text.
+/// Runs a generation on a blocking thread; `on_piece` gets each final piece of text.
 fn run(
     p: &Prepared,
     metrics: &Metrics,
-    on_text: impl FnMut(&str) -> ControlFlow<()>,
+    on_piece: impl FnMut(Piece<'_>) -> ControlFlow<()>,
 ) -> Result<Generation, GenerateError> {
     let mut lm = PrefixLm {
         base: &p.base,
@@ -1104,12 +1104,12 @@ fn run(
         cache: EngineCache::new(),
         reused: 0,
     };
-    let out = generate(
+    let out = generate_pieces(
         &mut lm,
         &p.base.tokenizer,
         &p.prompt,
         &p.common.params,
-        on_text,
+        on_piece,
     );
     metrics
         .prefix_tokens
@@ -1147,12 +1147,16 @@ fn token_logprob(tok: &Tokenizer, id: u32, logprob: f32) -> serde_json::Map<Stri
 }
 
 fn logprobs_content(base: &Base, g: &Generation) -> Value {
-    let content: Vec<Value> = g
-        .tokens
+    logprobs_of(base, g, 0..g.tokens.len())
+}
+
+/// OpenAI's `logprobs` object for the generated tokens `range` of `g`.
+fn logprobs_of(base: &Base, g: &Generation, range: std::ops::Range<usize>) -> Value {
+    let content: Vec<Value> = g.tokens[range.clone()]
         .iter()
-        .zip(&g.logprobs)
-        .enumerate()
-        .map(|(i, (&t, &lp))| {
+        .zip(&g.logprobs[range.clone()])
+        .zip(range)
+        .map(|((&t, &lp), i)| {
             let mut m = token_logprob(&base.tokenizer, t, lp);
             let top: Vec<Value> = g
                 .top_logprobs
@@ -1264,7 +1268,7 @@ fn stream_response(
         }
         Event::default().data(v.to_string())
     };
-    let piece = move |text: &str, finish: Option<&str>| -> Value {
+    let piece = move |text: &str, finish: Option<&str>, logprobs: Value| -> Value {
         match kind {
             Kind::Chat => {
                 let delta = if finish.is_some() {
@@ -1272,7 +1276,7 @@ fn stream_response(
                 } else {
                     json!({ "content": text })
                 };
-                json!([{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }])
+                json!([{ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish }])
             }
             Kind::Text => {
                 json!([{ "index": 0, "text": text, "logprobs": null, "finish_reason": finish }])
@@ -1289,9 +1293,20 @@ fn stream_response(
             let opening = json!([{ "index": 0, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null }]);
             let _ = tx.blocking_send(chunk(opening, include_usage.then_some(Value::Null)));
         }
-        let out = run(&p, &s.metrics, |text| {
+        // Tokens whose log-probabilities went out with a piece; the rest go with the last chunk.
+        let mut sent = 0;
+        let out = run(&p, &s.metrics, |part| {
             first_token.get_or_insert_with(|| started.elapsed().as_secs_f64());
-            let ev = chunk(piece(text, None), include_usage.then_some(Value::Null));
+            let logprobs = if p.logprobs {
+                sent = part.tokens.end;
+                logprobs_of(&p.base, part.generation, part.tokens)
+            } else {
+                Value::Null
+            };
+            let ev = chunk(
+                piece(part.text, None, logprobs),
+                include_usage.then_some(Value::Null),
+            );
             match tx.blocking_send(ev) {
                 Ok(()) => ControlFlow::Continue(()),
                 // The client is gone.
@@ -1306,8 +1321,13 @@ fn stream_response(
             }
             Ok(g) => {
                 s.metrics.finish(kind.route(), &g, started, first_token);
+                let logprobs = if p.logprobs {
+                    logprobs_of(&p.base, &g, sent.min(g.tokens.len())..g.tokens.len())
+                } else {
+                    Value::Null
+                };
                 let _ = tx.blocking_send(chunk(
-                    piece("", Some(finish_reason(g.finish))),
+                    piece("", Some(finish_reason(g.finish)), logprobs),
                     include_usage.then_some(Value::Null),
                 ));
                 if include_usage {

@@ -208,6 +208,40 @@ fn every_route_streaming_and_not_and_every_error() {
         );
     }
 
+    // Streamed, the same tokens' log-probabilities arrive with the chunks, in order, each
+    // chunk's with its text; the stop token's with the final chunk.
+    let (status, _, body) = http(
+        &s.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Authorization", "Bearer k1")],
+        Some(&question(json!({"logprobs": true, "top_logprobs": 3, "stream": true})).to_string()),
+    );
+    assert_eq!(status, 200, "{body}");
+    let events = sse_data(&body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let mut streamed = Vec::new();
+    for e in &events[..events.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        let choice = &c["choices"][0];
+        let tokens = choice["logprobs"]["content"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let text = choice["delta"]["content"].as_str().unwrap_or("");
+        if !text.is_empty() {
+            assert!(!tokens.is_empty(), "a chunk with text has its tokens: {c}");
+            let bytes: Vec<u8> = tokens
+                .iter()
+                .flat_map(|t| t["bytes"].as_array().unwrap().iter())
+                .map(|b| b.as_u64().unwrap() as u8)
+                .collect();
+            assert_eq!(String::from_utf8_lossy(&bytes), text, "{c}");
+        }
+        streamed.extend(tokens);
+    }
+    assert_eq!(&streamed, content, "streamed log-probabilities differ");
+
     // Seeded sampling repeats itself.
     let sampled =
         question(json!({"temperature": 0.9, "top_p": 0.95, "seed": 42, "max_tokens": 16}));

@@ -267,6 +267,43 @@ pub fn generate(
     params: &SamplingParams,
     mut on_text: impl FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation, GenerateError> {
+    generate_pieces(lm, tokenizer, prompt, params, |p| on_text(p.text))
+}
+
+/// A piece of final text and the generated tokens sampled since the previous piece (a streaming
+/// API sends their log-probabilities with it). A token whose text is wholly held back (a possible
+/// start of a stop string, or bytes of an unfinished character) goes with a later piece; a stop
+/// token has no text and goes with none.
+#[derive(Debug)]
+pub struct Piece<'a> {
+    /// The text.
+    pub text: &'a str,
+    /// Indices into [`Generation::tokens`], [`Generation::logprobs`] and
+    /// [`Generation::top_logprobs`] of `generation`.
+    pub tokens: std::ops::Range<usize>,
+    /// The generation so far.
+    pub generation: &'a Generation,
+}
+
+/// [`generate`], with each piece of text given with its tokens ([`Piece`]).
+pub fn generate_pieces(
+    lm: &mut dyn CausalLm,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    params: &SamplingParams,
+    mut on_piece: impl FnMut(Piece<'_>) -> ControlFlow<()>,
+) -> Result<Generation, GenerateError> {
+    // The first generated token not yet handed out with a piece.
+    let mut handed = 0usize;
+    let mut on_text = |text: &str, out: &Generation, upto: usize| {
+        let piece = Piece {
+            text,
+            tokens: handed..upto.max(handed),
+            generation: out,
+        };
+        handed = upto.max(handed);
+        on_piece(piece)
+    };
     params.validate()?;
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
@@ -327,7 +364,7 @@ pub fn generate(
             .min()
         {
             let keep = &full[emitted.min(cut)..cut];
-            if !keep.is_empty() && on_text(keep).is_break() {
+            if !keep.is_empty() && on_text(keep, &out, out.tokens.len()).is_break() {
                 out.text = full[..cut].to_string();
                 out.finish = FinishReason::Cancelled;
                 return Ok(out);
@@ -343,7 +380,7 @@ pub fn generate(
             safe -= 1;
         }
         if safe > emitted {
-            if on_text(&full[emitted..safe]).is_break() {
+            if on_text(&full[emitted..safe], &out, out.tokens.len()).is_break() {
                 out.text = full[..safe].to_string();
                 out.finish = FinishReason::Cancelled;
                 return Ok(out);
@@ -362,7 +399,9 @@ pub fn generate(
     }
     pending.push_str(&decoder.finish());
     if !pending.is_empty() {
-        if on_text(&pending).is_break() {
+        // The last token is a stop token (no text) when one ended the answer.
+        let upto = out.tokens.len() - usize::from(out.finish == FinishReason::Stop);
+        if on_text(&pending, &out, upto).is_break() {
             out.finish = FinishReason::Cancelled;
         }
         out.text.push_str(&pending);
