@@ -1,46 +1,40 @@
-// The dashboard shell: hash routing (#/network, #/train, ...) between the <section data-page>
-// elements of index.html, aria-current on the active nav link, and the Network page's controls.
+// The dashboard shell: hash routing (#/train, #/chat, ...) between the <section data-page>
+// elements of index.html, aria-current on the active nav link, focus on the page's heading,
+// and each page module's enter() and leave(). An address with #token=TOKEN (as the node prints
+// it) stores the token and opens the Train page.
 
-import { copyPeerId, loadFeature, loadStatus } from './pages.js';
+import { takeTokenFromHash } from './api.js';
+import * as chat from './chat.js';
+import * as credits from './credits.js';
+import * as datanets from './datanets.js';
+import * as network from './network.js';
+import './token.js';
+import * as train from './train.js';
 
 const DEFAULT_PAGE = 'network';
-const REFRESH_MS = 5000;
+const PAGES = { train, chat, datanets, credits, network };
 
 const sections = new Map([...document.querySelectorAll('main section[data-page]')].map((s) => [s.dataset.page, s]));
 const links = [...document.querySelectorAll('nav a[href^="#/"]')];
-const autoRefresh = document.getElementById('status-auto');
 
 let current = null;
-let timer = null;
-
-// Polls /api/status only while the Network page is shown, the box is ticked and the tab is visible.
-function updateTimer() {
-  const wanted = current === 'network' && autoRefresh.checked && !document.hidden;
-  if (wanted && timer === null) {
-    timer = setInterval(loadStatus, REFRESH_MS);
-  } else if (!wanted && timer !== null) {
-    clearInterval(timer);
-    timer = null;
-  }
-}
 
 function show(name, { focus }) {
+  if (current !== null && current !== name) PAGES[current].leave();
   current = name;
   for (const [page, section] of sections) section.hidden = page !== name;
   for (const link of links) {
     if (link.getAttribute('href') === `#/${name}`) link.setAttribute('aria-current', 'page');
     else link.removeAttribute('aria-current');
   }
-  const section = sections.get(name);
-  const heading = section.querySelector('h1');
+  const heading = sections.get(name).querySelector('h1');
   document.title = `${heading.textContent} · Cohort`;
   if (focus) heading.focus();
-  if (name === 'network') loadStatus();
-  else loadFeature(section);
-  updateTimer();
+  PAGES[name].enter();
 }
 
 function route({ focus }) {
+  if (takeTokenFromHash()) focus = false;
   const hash = window.location.hash;
   const match = /^#\/([a-z]+)$/.exec(hash);
   if (match && sections.has(match[1])) {
@@ -55,9 +49,5 @@ function route({ focus }) {
   }
 }
 
-document.getElementById('status-refresh').addEventListener('click', () => loadStatus());
-document.getElementById('copy-peer-id').addEventListener('click', () => copyPeerId());
-autoRefresh.addEventListener('change', updateTimer);
-document.addEventListener('visibilitychange', updateTimer);
 window.addEventListener('hashchange', () => route({ focus: true }));
 route({ focus: false });

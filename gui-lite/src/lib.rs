@@ -15,8 +15,15 @@
 //! It depends on none of the other Cohort crates and knows nothing of the node's state: the
 //! router is generic over the caller's state type and extracts none of it. The peer (`cohort-peer`)
 //! mounts this router next to its own routes and serves the JSON API the pages read at run time
-//! (`/api/status`, `/api/jobs`, `/api/datanets`, `/api/ledger`, `/v1/models`); this crate neither
-//! defines nor proxies any of those. Every page talks to the node through that public API only,
+//! (`/api/status`, `/api/jobs`, `/api/datanets`, `/api/ledger`, `/v1/models`, ...); this crate
+//! neither defines nor proxies any of those.
+//!
+//! # The pages
+//!
+//! One module per page (`train.js` with `job.js`, `chat.js`, `datanets.js`, `credits.js`,
+//! `network.js`), driven by `app.js`'s hash routing; shared pieces are `api.js` (fetch, the API
+//! token for changes), `sse.js` (server-sent events), `chart.js` (SVG charts), `dom.js`
+//! (building nodes from text only), `format.js` and `validate.js` (inline form checks). Every page talks to the node through that public API only,
 //! exactly as the CLI does, so the terminal and the dashboard never disagree.
 //!
 //! The CSP (`default-src 'self'`, no inline script or style) means the pages must never use
@@ -99,8 +106,18 @@ const INDEX: Asset = asset!("index.html", HTML);
 const ASSETS: &[Asset] = &[
     asset!("app.js", JAVASCRIPT),
     asset!("api.js", JAVASCRIPT),
+    asset!("chart.js", JAVASCRIPT),
+    asset!("chat.js", JAVASCRIPT),
+    asset!("credits.js", JAVASCRIPT),
+    asset!("datanets.js", JAVASCRIPT),
     asset!("dom.js", JAVASCRIPT),
-    asset!("pages.js", JAVASCRIPT),
+    asset!("format.js", JAVASCRIPT),
+    asset!("job.js", JAVASCRIPT),
+    asset!("network.js", JAVASCRIPT),
+    asset!("sse.js", JAVASCRIPT),
+    asset!("token.js", JAVASCRIPT),
+    asset!("train.js", JAVASCRIPT),
+    asset!("validate.js", JAVASCRIPT),
     asset!("style.css", CSS),
 ];
 

@@ -73,12 +73,23 @@ async fn index_is_html_with_every_nav_label() {
 
 #[tokio::test]
 async fn every_file_has_its_content_type_and_security_headers() {
+    let js = "text/javascript; charset=utf-8";
     let expected_types = [
         ("/", "text/html; charset=utf-8"),
-        ("/assets/app.js", "text/javascript; charset=utf-8"),
-        ("/assets/api.js", "text/javascript; charset=utf-8"),
-        ("/assets/dom.js", "text/javascript; charset=utf-8"),
-        ("/assets/pages.js", "text/javascript; charset=utf-8"),
+        ("/assets/app.js", js),
+        ("/assets/api.js", js),
+        ("/assets/chart.js", js),
+        ("/assets/chat.js", js),
+        ("/assets/credits.js", js),
+        ("/assets/datanets.js", js),
+        ("/assets/dom.js", js),
+        ("/assets/format.js", js),
+        ("/assets/job.js", js),
+        ("/assets/network.js", js),
+        ("/assets/sse.js", js),
+        ("/assets/token.js", js),
+        ("/assets/train.js", js),
+        ("/assets/validate.js", js),
         ("/assets/style.css", "text/css; charset=utf-8"),
     ];
     assert_eq!(
@@ -260,12 +271,20 @@ fn etags_are_fnv1a_of_the_body() {
 
 // ----- The embedded files. -----
 
+/// The SVG namespace: an identifier that `createElementNS` needs, never loaded.
+const SVG_NAMESPACE: &str = "'http://www.w3.org/2000/svg'";
+
 #[test]
 fn no_file_names_another_origin() {
     // Any scheme URL (http://, https://, ws://, ...) or protocol-relative //host.
     let forbidden = ["://", "\"//", "'//", "(//", "`//", "=//"];
     for file in all_files() {
         for (number, line) in file.body.lines().enumerate() {
+            let line = if file.name.ends_with(".js") {
+                line.replace(SVG_NAMESPACE, "")
+            } else {
+                line.to_owned()
+            };
             for pattern in forbidden {
                 assert!(
                     !line.contains(pattern),
@@ -418,23 +437,163 @@ fn nav_links_and_pages_match() {
     let mut sorted_expected = expected.clone();
     sorted_expected.sort_unstable();
     assert_eq!(sorted_pages, sorted_expected, "one section per nav link");
-    // Every page but Network names the API endpoint it reads and the feature it waits for.
-    for tag in all.iter().filter(|t| t.attr("data-page").is_some()) {
+    // Every page is a hidden section named by its <h1>, which takes focus on a page change; its
+    // script is a module of the same name that app.js imports, with enter() and leave().
+    let app = ASSETS.iter().find(|a| a.name == "app.js").unwrap().body;
+    for (index, tag) in all.iter().enumerate() {
+        let Some(page) = tag.attr("data-page") else {
+            continue;
+        };
         assert_eq!(tag.name, "section");
         assert!(tag.attr("hidden").is_some(), "pages start hidden");
-        if tag.attr("data-page") != Some("network") {
-            let endpoint = tag.attr("data-endpoint").unwrap_or_default();
+        let heading = tag
+            .attr("aria-labelledby")
+            .unwrap_or_else(|| panic!("{page}: no aria-labelledby"));
+        let h1 = all[index..]
+            .iter()
+            .find(|t| t.name == "h1")
+            .unwrap_or_else(|| panic!("{page}: no <h1>"));
+        assert_eq!(h1.attr("id"), Some(heading), "{page}: labelled by its <h1>");
+        assert_eq!(h1.attr("tabindex"), Some("-1"), "{page}: <h1> takes focus");
+        assert!(
+            app.contains(&format!("import * as {page} from './{page}.js';")),
+            "app.js does not import {page}.js"
+        );
+        let module = ASSETS
+            .iter()
+            .find(|a| a.name == format!("{page}.js"))
+            .unwrap_or_else(|| panic!("no {page}.js"));
+        for function in ["enter", "leave"] {
             assert!(
-                endpoint.starts_with('/'),
-                "{:?}: data-endpoint",
-                tag.attr("id")
-            );
-            assert!(
-                !tag.attr("data-feature").unwrap_or_default().is_empty(),
-                "{:?}: data-feature",
-                tag.attr("id")
+                module
+                    .body
+                    .contains(&format!("export function {function}("))
+                    || module
+                        .body
+                        .contains(&format!("export async function {function}(")),
+                "{page}.js does not export {function}()"
             );
         }
+    }
+}
+
+#[test]
+fn ids_are_unique_and_references_resolve() {
+    let all = tags(INDEX.body);
+    let ids: Vec<&str> = all.iter().filter_map(|t| t.attr("id")).collect();
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    for pair in sorted.windows(2) {
+        assert_ne!(pair[0], pair[1], "index.html: id {} twice", pair[0]);
+    }
+    for tag in &all {
+        for attr in [
+            "aria-labelledby",
+            "aria-describedby",
+            "for",
+            "aria-controls",
+        ] {
+            let Some(refs) = tag.attr(attr) else { continue };
+            for id in refs.split_ascii_whitespace() {
+                assert!(
+                    ids.contains(&id),
+                    "index.html: <{} {attr}={refs:?}> names no element",
+                    tag.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_button_says_its_type() {
+    // A button without a type submits its form, which is never what a plain button means.
+    for tag in tags(INDEX.body).iter().filter(|t| t.name == "button") {
+        assert!(
+            matches!(tag.attr("type"), Some("button" | "submit")),
+            "index.html: <button {:?}> has no type",
+            tag.attrs
+        );
+    }
+    for file in ASSETS.iter().filter(|a| a.name.ends_with(".js")) {
+        for (number, line) in file.body.lines().enumerate() {
+            if line.contains("el('button'") {
+                assert!(
+                    line.contains("type: 'button'"),
+                    "{}:{}: a button built without type: 'button'",
+                    file.name,
+                    number + 1
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn scripts_only_look_up_ids_that_exist() {
+    let all = tags(INDEX.body);
+    let ids: Vec<&str> = all.iter().filter_map(|t| t.attr("id")).collect();
+    let mut lookups = 0;
+    for file in ASSETS.iter().filter(|a| a.name.ends_with(".js")) {
+        for call in ["byId('", "getElementById('"] {
+            for (at, _) in file.body.match_indices(call) {
+                let rest = &file.body[at + call.len()..];
+                let id = &rest[..rest.find('\'').unwrap()];
+                assert!(
+                    ids.contains(&id),
+                    "{}: looks up #{id}, which index.html lacks",
+                    file.name
+                );
+                lookups += 1;
+            }
+        }
+    }
+    assert!(lookups > 50, "the scan found only {lookups} lookups");
+}
+
+#[test]
+fn the_ids_end_to_end_tests_drive_exist() {
+    let html = INDEX.body;
+    let all = tags(html);
+    let find = |id: &str| {
+        all.iter()
+            .find(|t| t.attr("id") == Some(id))
+            .unwrap_or_else(|| panic!("index.html has no #{id}"))
+    };
+    for (id, name) in [
+        ("train-form", "form"),
+        ("train-start", "button"),
+        ("job-chart", "svg"),
+        ("job-phase", "span"),
+        ("chat-prompt", "textarea"),
+        ("chat-send", "button"),
+        ("chat-stop", "button"),
+        ("chat-panes", "div"),
+        ("credits-chart", "svg"),
+        ("network-volunteer", "input"),
+        ("datanet-files", "input"),
+        ("datanet-drop", "div"),
+        ("token-form", "form"),
+        ("token-input", "input"),
+    ] {
+        assert_eq!(find(id).name, name, "#{id}");
+    }
+    assert_eq!(find("network-volunteer").attr("type"), Some("checkbox"));
+    // Built by scripts: the chat panes' output areas and the credits table.
+    let script = |name: &str| ASSETS.iter().find(|a| a.name == name).unwrap().body;
+    assert!(script("chat.js").contains("class: 'chat-pane'"));
+    assert!(script("chat.js").contains("class: 'chat-output'"));
+    assert!(script("credits.js").contains("id: 'credits-table'"));
+}
+
+#[test]
+fn every_script_says_what_it_does() {
+    for file in ASSETS.iter().filter(|a| a.name.ends_with(".js")) {
+        assert!(
+            file.body.starts_with("// "),
+            "{}: no opening comment",
+            file.name
+        );
     }
 }
 

@@ -1168,6 +1168,7 @@ fn job_summary(
         "name": spec.as_ref().map(|s| s.name.clone()),
         "rounds": spec.as_ref().map(|s| s.rounds),
         "base_model": spec.as_ref().map(|s| s.base_model.to_string()),
+        "created_at_ms": spec.as_ref().map(|s| s.created_at.0),
         "status": status,
     })
 }
@@ -1336,7 +1337,8 @@ async fn models() -> ApiResult {
 }
 
 /// `GET /api/jobs/{job}/events`: server-sent events, `job` with the JSON of `GET /api/jobs/{job}`
-/// on connect and on every change, then `end` once the job has finished.
+/// on connect and on every change (the phase's countdown aside), then `end` once the job has
+/// finished; `failed` with `{"error"}` if the job can no longer be read.
 async fn job_events(
     State(node): State<AppState>,
     Path(given): Path<String>,
@@ -1358,14 +1360,19 @@ async fn job_events(
                             Ok(v) => v,
                             Err(e) => {
                                 let err = Event::default()
-                                    .event("error")
+                                    .event("failed")
                                     .data(json!({ "error": e.message }).to_string());
                                 return Some((Ok(err), (node, given, None, last, true)));
                             }
                         }
                     }
                 };
-                let text = v.to_string();
+                // The countdown alone is no change worth an event.
+                let mut same = v.clone();
+                if let Some(st) = same["status"].as_object_mut() {
+                    st.remove("phase_ends_in_s");
+                }
+                let text = same.to_string();
                 if last.as_deref() == Some(text.as_str()) {
                     if v["finished"] == json!(true) {
                         let end = Event::default().event("end").data("{}");
@@ -1373,8 +1380,8 @@ async fn job_events(
                     }
                     continue;
                 }
-                last = Some(text.clone());
-                let event = Event::default().event("job").data(text);
+                last = Some(text);
+                let event = Event::default().event("job").data(v.to_string());
                 return Some((Ok(event), (node, given, None, last, false)));
             }
         },

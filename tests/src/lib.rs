@@ -440,3 +440,94 @@ impl Drop for Server {
         self.child.wait().ok();
     }
 }
+
+/// A running `cohort demo` (started by any command that execs it), in its own process group;
+/// the whole group is killed when dropped.
+#[derive(Debug)]
+pub struct Demo {
+    child: std::process::Child,
+    /// What it printed up to `Serving until Ctrl-C.`.
+    pub out: String,
+    /// Its `demo.json` once serving.
+    pub info: serde_json::Value,
+}
+
+impl Demo {
+    /// Spawns `command` (which must run `cohort demo --dir DIR`) and waits until the demo
+    /// serves, echoing its output; panics with the output if it does not within 10 minutes.
+    pub fn start(mut command: Command, dir: &Path) -> Demo {
+        use std::io::{BufRead as _, BufReader};
+        use std::os::unix::process::CommandExt as _;
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .process_group(0)
+            .spawn()
+            .expect("the demo starts");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                println!("{line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut demo = Demo {
+            child,
+            out: String::new(),
+            info: serde_json::Value::Null,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+        while !demo.out.contains("Serving until Ctrl-C.") {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    demo.out.push_str(&line);
+                    demo.out.push('\n');
+                }
+                Err(_) => panic!(
+                    "the demo did not reach `Serving until Ctrl-C.`:\n{}",
+                    demo.out
+                ),
+            }
+        }
+        let text = std::fs::read(dir.join("demo.json")).expect("the demo's demo.json");
+        demo.info = serde_json::from_slice(&text).expect("demo.json is JSON");
+        demo
+    }
+
+    /// The job owner's HTTP address (`127.0.0.1:PORT`).
+    pub fn api(&self) -> String {
+        self.info["api"]
+            .as_str()
+            .expect("demo.json has api")
+            .trim_start_matches("http://")
+            .to_owned()
+    }
+
+    /// Sends `signal` (e.g. `-INT`) to the demo's process group, as a terminal's Ctrl-C does.
+    pub fn signal(&self, signal: &str) {
+        Command::new("kill")
+            .args([signal, "--", &format!("-{}", self.child.id())])
+            .status()
+            .ok();
+    }
+
+    /// Sends Ctrl-C and waits for the demo to exit.
+    pub fn interrupt(&mut self) -> std::process::ExitStatus {
+        self.signal("-INT");
+        self.child.wait().expect("the demo exits")
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.signal("-KILL");
+            self.child.wait().ok();
+        }
+    }
+}

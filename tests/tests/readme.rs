@@ -2,14 +2,11 @@
 //! command.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use cohort_tests::{cohort_bin, http, readme_block, repo_root, success};
+use cohort_tests::{Demo, cohort_bin, http, readme_block, repo_root, success};
 use serde_json::Value;
 
 #[test]
 fn the_quick_start_runs_as_written() {
-    use std::io::{BufRead as _, BufReader};
-    use std::os::unix::process::CommandExt as _;
-
     let command = readme_block("quickstart");
     assert!(!command.trim().is_empty());
     let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
@@ -19,57 +16,18 @@ fn the_quick_start_runs_as_written() {
         "the README does not say `{quick}` (what this test runs)"
     );
     let tmp = tempfile::tempdir().unwrap();
-    let demo = tmp.path().join("demo");
-    // COHORT_BIN: use the binary this test run built instead of building another. The demo
-    // runs in its own process group, so that Ctrl-C can be sent to it as a terminal would.
-    let mut child = std::process::Command::new("bash")
+    let dir = tmp.path().join("demo");
+    // COHORT_BIN: use the binary this test run built instead of building another.
+    let mut command = std::process::Command::new("bash");
+    command
         .arg("-euo")
         .arg("pipefail")
         .arg("-c")
-        .arg(format!("{quick} --dir {}", demo.display()))
+        .arg(format!("{quick} --dir {}", dir.display()))
         .current_dir(repo_root())
-        .env("COHORT_BIN", cohort_bin())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .process_group(0)
-        .spawn()
-        .unwrap();
-    let group = child.id();
-    let stop_group = |signal: &str| {
-        std::process::Command::new("kill")
-            .args([signal, "--", &format!("-{group}")])
-            .status()
-            .ok();
-    };
-    // Read the demo's output until it says it is serving (or ends).
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            println!("{line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut out = String::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
-    while !out.contains("Serving until Ctrl-C.") {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                out.push_str(&line);
-                out.push('\n');
-            }
-            Err(_) => {
-                stop_group("-KILL");
-                panic!("the demo did not reach `Serving until Ctrl-C.`:\n{out}");
-            }
-        }
-    }
-    let info: Value =
-        serde_json::from_slice(&std::fs::read(demo.join("demo.json")).unwrap()).unwrap();
+        .env("COHORT_BIN", cohort_bin());
+    let mut demo = Demo::start(command, &dir);
+    let (out, info) = (demo.out.clone(), demo.info.clone());
     assert_eq!(info["state"], "serving", "{info}");
 
     // The story, as printed: datanets, the approved contribution, every round, the credits.
@@ -102,14 +60,14 @@ fn the_quick_start_runs_as_written() {
         "validation losses {losses:?}"
     );
     // The job owner serves the merged adapter through the OpenAI-compatible API.
-    let api = info["api"].as_str().unwrap().trim_start_matches("http://");
+    let api = demo.api();
     let body = serde_json::json!({
         "model": info["chat_model"],
         "messages": [{"role": "user", "content": "What is the capital of Velmora?"}],
         "max_tokens": 8,
     });
     let (status, _, answer) = http(
-        api,
+        &api,
         "POST",
         "/v1/chat/completions",
         &[],
@@ -124,8 +82,7 @@ fn the_quick_start_runs_as_written() {
     );
 
     // Ctrl-C stops every process the demo started.
-    stop_group("-INT");
-    let status = child.wait().unwrap();
+    let status = demo.interrupt();
     assert!(status.success(), "the demo exited with {status}");
     let pids: Vec<u64> = info["peers"]
         .as_array()
