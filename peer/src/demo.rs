@@ -513,11 +513,12 @@ fn demo(o: &DemoOptions, dir: &Path) -> anyhow::Result<()> {
         lab.proc.dir.display(),
         &job[..12]
     );
-    println!("Serving until Ctrl-C.");
     info["state"] = json!("serving");
     info["chat_model"] = json!(format!("{base}:{job}"));
     info["seconds"] = json!(started.elapsed().as_secs_f64());
     write_info(dir, &info)?;
+    // Scripts wait for this line: demo.json says "serving" by then.
+    println!("Serving until Ctrl-C.");
 
     let mut all: Vec<Peer> = vec![owner, lab, contributor];
     all.extend(volunteers);
