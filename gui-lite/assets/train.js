@@ -31,6 +31,18 @@ const RULES = [
         ? `At most the most workers per round (${values.max_workers}): a round could never gather ${v} updates.`
         : null,
   },
+  {
+    id: 'train-byzantine',
+    key: 'byzantine',
+    parse: integer(0, 1000),
+    check: (f, values) => {
+      if (f === 0 || values.max_workers === undefined) return null;
+      if (values.max_workers < 2 * f + 3) return `Multi-Krum needs at least 2f + 3 = ${2 * f + 3} workers per round (most workers is ${values.max_workers}).`;
+      if (values.min_updates !== undefined && values.max_workers < values.min_updates + f)
+        return `The quorum must survive the filter: most workers (${values.max_workers}) must be at least fewest updates + ${f}.`;
+      return null;
+    },
+  },
   { id: 'train-enroll-secs', key: 'enroll_secs', parse: decimal({ above: 0, max: 1e8 }) },
   { id: 'train-train-secs', key: 'train_secs', parse: decimal({ above: 0, max: 1e8 }) },
   { id: 'train-validate-secs', key: 'validate_secs', parse: decimal({ above: 0, max: 1e8 }) },
@@ -39,7 +51,11 @@ const RULES = [
 // The checkbox groups, checked like the fields.
 function checkGroups() {
   const invalid = [];
-  const datanets = [...form.querySelectorAll('input[name="datanets"]:checked')].map((i) => i.value);
+  // A datanet at its latest version is sent as its id; an earlier one as `ID@VERSION`.
+  const datanets = [...form.querySelectorAll('input[name="datanets"]:checked')].map((i) => {
+    const version = byId(`${i.id}-version`);
+    return version && version.value !== version.dataset.latest ? `${i.value}@${version.value}` : i.value;
+  });
   const datanetBox = byId('train-datanets');
   const available = form.querySelectorAll('input[name="datanets"]:not(:disabled)').length;
   const datanetError =
@@ -117,12 +133,18 @@ async function loadDatanets() {
     ...datanets.map((d, i) => {
       const published = d.version > 0;
       const owner = d.mine ? 'yours' : `owner ${shortId(d.owner)}`;
-      const label = published
-        ? `${d.name}, version ${d.version} (${d.schema}, ${d.access}, ${owner})`
-        : `${d.name} (not published yet, ${owner})`;
+      const label = published ? `${d.name} (${d.schema}, ${d.access}, ${owner})` : `${d.name} (not published yet, ${owner})`;
       const { input, row } = checkbox(`train-dn-${i}`, label, { name: 'datanets', value: d.id, disabled: !published });
       input.checked = published && checked.has(d.id);
-      return row;
+      if (!published) return row;
+      // The version to train on: the latest by default, or an earlier one this node holds.
+      const versions = Array.from({ length: d.version }, (_, k) => d.version - k);
+      const select = el(
+        'select',
+        { id: `train-dn-${i}-version`, class: 'version', 'data-latest': String(d.version) },
+        ...versions.map((v) => el('option', { value: String(v) }, v === d.version ? `version ${v} (latest)` : `version ${v}`)),
+      );
+      return el('span', { class: 'datanet-pick' }, row, el('label', { for: select.id, class: 'visually-hidden' }, `Version of ${d.name}`), select);
     }),
   );
 }

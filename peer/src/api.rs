@@ -255,7 +255,7 @@ fn shard_json(info: &ShardInfo, contributor: Option<PeerId>, local: bool) -> Val
 
 async fn show(State(node): State<AppState>, Path(name): Path<String>) -> ApiResult {
     let me = node.me();
-    let (d, manifest, pending, held) = node
+    let (d, manifest, pending, held, versions) = node
         .state
         .call(move |s| -> Result<_, StateError> {
             let d = s.resolve(&name)?;
@@ -264,16 +264,33 @@ async fn show(State(node): State<AppState>, Path(name): Path<String>) -> ApiResu
                 None => None,
             };
             let pending = s.pending(&d.id)?;
+            // Every earlier version this node holds, newest first, following `previous`.
+            let mut versions = Vec::new();
+            let mut next = d.head.map(|h| h.manifest);
+            while let Some(hash) = next {
+                let Some(m) = s.manifest(&hash)?.and_then(|m| m.verify().ok()) else {
+                    break;
+                };
+                versions.push(json!({
+                    "version": m.version,
+                    "manifest": hash.to_string(),
+                    "shards": m.shards.len(),
+                    "records": m.records(),
+                    "published_at_ms": m.published_at.0,
+                }));
+                next = m.previous;
+            }
             let held: Vec<ContentHash> = s
                 .local_shards()?
                 .into_iter()
                 .filter(|l| l.datanet == d.id)
                 .map(|l| l.info.hash)
                 .collect();
-            Ok((d, manifest, pending, held))
+            Ok((d, manifest, pending, held, versions))
         })
         .await??;
     let mut out = summary(&d, me);
+    out["versions"] = json!(versions);
     let m = manifest.as_ref().and_then(|m| m.verify().ok());
     // A shard counts as local only if the blob store really has it complete.
     let mut shards = Vec::new();

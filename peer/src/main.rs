@@ -421,6 +421,10 @@ struct JobCreateArgs {
     /// Refuse updates whose delta exceeds this multiple of the round's median.
     #[arg(long)]
     norm_bound: Option<f64>,
+    /// Byzantine updates tolerated per round: Multi-Krum refuses that many outlying updates
+    /// (needs --max-workers >= 2f+3 and >= --min-updates + f); 0 turns the filter off.
+    #[arg(long)]
+    byzantine: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -948,6 +952,7 @@ fn job(cli: &Cli, command: &JobCommand) -> anyhow::Result<()> {
             set("segment_steps", json!(a.segment_steps));
             set("audit_rate", json!(a.audit_rate));
             set("norm_bound", json!(a.norm_bound));
+            set("byzantine", json!(a.byzantine));
             let v = c.post("/api/jobs", &Value::Object(body))?;
             print(cli, &v, |v| st(&v["job"]).to_owned());
         }

@@ -1,7 +1,7 @@
 // The dashboard end to end in headless Chromium (Debian's package), against a live
 // `cohort demo --quick` whose demo.json is COHORT_DEMO_JSON: open the address the demo printed,
 // create a job on the Train page with non-default values (after an invalid one is refused inline),
-// watch its loss chart fill, chat with the base and the job's adapter side by side, create a
+// (an earlier datanet version among them) watch its loss chart fill, chat with the base and the job's adapter side by side, create a
 // datanet and import a file by upload, read the credits and verify the ledger, switch
 // volunteering on the Network page, and look at a phone-width page. A screenshot of each page
 // goes to COHORT_ARTIFACTS. Exits non-zero with the reason on the first failure.
@@ -84,6 +84,9 @@ try {
   await page.fill('#train-enroll-secs', '2');
   await page.fill('#train-train-secs', '120');
   await page.fill('#train-validate-secs', '120');
+  // velmora-atlas at its first version, before the contribution was approved.
+  const atlasBox = page.locator('#train-datanet-list .datanet-pick', { hasText: 'velmora-atlas' }).locator('select');
+  await atlasBox.selectOption('1');
   await page.click('#train-start');
   await page.waitForFunction(() => /^[0-9a-f]{8,}/.test(document.getElementById('job-id').textContent.trim()));
   const jobs = (await apiGet('/api/jobs')).jobs;
@@ -92,6 +95,8 @@ try {
   const created = await apiGet(`/api/jobs/${job.job}`);
   check(created.spec.rank === 4 && Math.abs(created.spec.learning_rate - 0.02) < 1e-6, 'the job has the values typed');
   check(!created.spec.targets.includes('down_proj'), 'the unticked target module is left out');
+  const versions = created.spec.datanets.map((d) => d.version).sort();
+  check(JSON.stringify(versions) === '[1,1]', `velmora-atlas v1 and velmora-archive v1 (${JSON.stringify(created.spec.datanets)})`);
 
   // The chart fills as the rounds close: a validation point per round, training losses.
   step('Train: watch the loss chart fill until the job finishes');

@@ -137,7 +137,7 @@ pub enum FederatedError {
         /// What is wrong with it.
         defect: UpdateDefect,
     },
-    /// An update given to [`merge_round`] does not fit the round.
+    /// An update given to [`merge_round`] or [`update_distances`] does not fit the round.
     #[error("update {index} ({}): {defect}", path.display())]
     BadUpdate {
         /// Its position in the list given.
@@ -846,6 +846,87 @@ pub fn check_update(
     Ok(Ok(norm))
 }
 
+/// The pairwise squared distances of updates' deltas, for a round's Byzantine-robust filter
+/// (Multi-Krum): entry `(i, j)` of the row-major `m x m` result is
+/// `‖s_i B_i A_i − s_j B_j A_j‖²_F` summed over every projection, each adapter's LoRA scaling
+/// `s` included. The round's start cancels out of a difference of deltas
+/// (`(U_i − S) − (U_j − S) = U_i − U_j`), so it is not needed. Computed from `r x r`
+/// (cross-)Gram matrices ([`crate::merge::delta_inner`]), never a `d x n` product; the ranks may
+/// differ. The matrix is exactly symmetric with a zero diagonal.
+///
+/// Every update must adapt the same projections with the same shapes.
+pub fn delta_distances(updates: &[&AdapterWeights]) -> Result<Vec<f64>, FederatedError> {
+    let m = updates.len();
+    let Some(first) = updates.first() else {
+        return Ok(Vec::new());
+    };
+    let keys: Vec<(usize, usize)> = first.factors.keys().copied().collect();
+    // Each update's projections as scaled low-rank products, in the order of `keys`.
+    let mut terms: Vec<Vec<LowRank>> = Vec::with_capacity(m);
+    for (index, u) in updates.iter().enumerate() {
+        if u.factors.len() != keys.len() {
+            return Err(MergeError::Shape(format!(
+                "update {index} adapts {} projections, update 0 {}",
+                u.factors.len(),
+                keys.len()
+            ))
+            .into());
+        }
+        let s = f64::from(u.spec.scaling());
+        let mut row = Vec::with_capacity(keys.len());
+        for key in &keys {
+            let f = u.factors.get(key).ok_or_else(|| {
+                MergeError::Shape(format!(
+                    "update {index} has no layer {} {}",
+                    key.0,
+                    Proj::ALL[key.1].hf_name()
+                ))
+            })?;
+            row.push(low_rank(f, s)?);
+        }
+        terms.push(row);
+    }
+    let norms: Vec<Vec<f64>> = terms
+        .iter()
+        .map(|row| row.iter().map(delta_norm_sq).collect())
+        .collect();
+    let mut dist = vec![0f64; m * m];
+    for i in 0..m {
+        for j in i + 1..m {
+            let mut sq = 0f64;
+            for (t, (x, y)) in terms[i].iter().zip(&terms[j]).enumerate() {
+                let d = norms[i][t] + norms[j][t] - 2.0 * delta_inner(x, y)?;
+                // Rounding can take a squared distance a hair below zero.
+                sq += if d < 0.0 { 0.0 } else { d };
+            }
+            dist[i * m + j] = sq;
+            dist[j * m + i] = sq;
+        }
+    }
+    Ok(dist)
+}
+
+/// [`delta_distances`] of PEFT adapter directories (a round's verified updates), each checked
+/// against the job as [`merge_round`] checks its updates (its rank may be any multiple of the
+/// job's).
+pub fn update_distances(setup: &JobSetup, updates: &[PathBuf]) -> Result<Vec<f64>, FederatedError> {
+    let base = Base::open(setup)?;
+    let loaded: Vec<AdapterWeights> = updates
+        .iter()
+        .enumerate()
+        .map(|(index, path)| {
+            load_checked(setup, &base.config, path, None).map_err(|defect| {
+                FederatedError::BadUpdate {
+                    index,
+                    path: path.clone(),
+                    defect,
+                }
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    delta_distances(&loaded.iter().collect::<Vec<_>>())
+}
+
 /// The relative product-space error of `merged` against the exact weighted sum of `parts`:
 /// `‖Σ p_i s_i B_i A_i − s B A‖_F / ‖Σ p_i s_i B_i A_i‖_F` over all projections (weights
 /// normalised to sum 1, each adapter's LoRA scaling `s` included), from Gram matrices. Zero for
@@ -1322,4 +1403,123 @@ pub fn unpack_dir(bytes: &[u8], dest: &Path) -> Result<(), FederatedError> {
         std::io::Write::write_all(&mut file, contents).map_err(io(&path))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// A small deterministic generator of values in [-1, 1).
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self) -> f32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
+    /// Two projections: (layer 0, q) `[6, 5]` and (layer 1, v) `[4, 5]`.
+    const SHAPES: [((usize, usize), usize, usize); 2] = [((0, 0), 6, 5), ((1, 2), 4, 5)];
+
+    fn adapter(seed: u64, rank: usize, alpha: f32) -> AdapterWeights {
+        let mut g = Lcg(seed);
+        let factors = SHAPES
+            .iter()
+            .map(|&(key, d_out, d_in)| {
+                let a = (0..rank * d_in).map(|_| g.next()).collect();
+                let b = (0..d_out * rank).map(|_| g.next()).collect();
+                (key, Factors { a, b, d_in, d_out })
+            })
+            .collect::<BTreeMap<_, _>>();
+        AdapterWeights {
+            spec: LoraSpec {
+                rank,
+                alpha,
+                ..LoraSpec::default()
+            },
+            factors,
+        }
+    }
+
+    /// `s·B·A` of every projection, formed densely with plain loops, concatenated.
+    fn dense(w: &AdapterWeights) -> Vec<f64> {
+        let s = f64::from(w.spec.scaling());
+        let r = w.spec.rank;
+        let mut out = Vec::new();
+        for f in w.factors.values() {
+            for i in 0..f.d_out {
+                for j in 0..f.d_in {
+                    let mut x = 0f64;
+                    for t in 0..r {
+                        x += f64::from(f.b[i * r + t]) * f64::from(f.a[t * f.d_in + j]);
+                    }
+                    out.push(s * x);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn delta_distances_match_dense_frobenius_distances() {
+        // Ranks and scalings differ (a full-rank merge has twice the job's rank), one update is
+        // another scaled, and one is a copy: distances 0 and exact.
+        let mut ws = vec![
+            adapter(1, 2, 4.0),
+            adapter(2, 2, 4.0),
+            adapter(3, 4, 8.0),
+            adapter(4, 2, 1.0),
+        ];
+        ws.push(ws[1].clone());
+        let mut scaled = ws[0].clone();
+        scaled.spec.alpha *= 3.0;
+        ws.push(scaled);
+        let refs: Vec<&AdapterWeights> = ws.iter().collect();
+        let m = refs.len();
+        let dist = delta_distances(&refs).unwrap();
+        assert_eq!(dist.len(), m * m);
+        let dense: Vec<Vec<f64>> = ws.iter().map(dense).collect();
+        for i in 0..m {
+            assert_eq!(dist[i * m + i], 0.0);
+            for j in 0..m {
+                assert_eq!(dist[i * m + j], dist[j * m + i]);
+                let want: f64 = dense[i]
+                    .iter()
+                    .zip(&dense[j])
+                    .map(|(x, y)| (x - y) * (x - y))
+                    .sum();
+                let scale: f64 = dense[i].iter().chain(&dense[j]).map(|x| x * x).sum();
+                let got = dist[i * m + j];
+                assert!(
+                    (got - want).abs() <= 1e-12 * scale,
+                    "({i}, {j}): {got} vs dense {want}"
+                );
+            }
+        }
+        assert!(dist[m + 4] <= 1e-12 * dense[1].iter().map(|x| x * x).sum::<f64>());
+        // The scaled copy is 2x update 0 away from it: ‖3U − U‖² = 4‖U‖².
+        let norm0: f64 = dense[0].iter().map(|x| x * x).sum();
+        assert!((dist[5] - 4.0 * norm0).abs() <= 1e-12 * norm0);
+        assert!(delta_distances(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn delta_distances_refuse_updates_of_other_projections() {
+        let a = adapter(1, 2, 4.0);
+        let mut b = adapter(2, 2, 4.0);
+        let f = b.factors.remove(&(1, 2)).unwrap();
+        b.factors.insert((1, 3), f);
+        assert!(matches!(
+            delta_distances(&[&a, &b]),
+            Err(FederatedError::Merge(MergeError::Shape(_)))
+        ));
+        b.factors.remove(&(1, 3));
+        assert!(delta_distances(&[&a, &b]).is_err());
+    }
 }

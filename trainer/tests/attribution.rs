@@ -342,6 +342,7 @@ fn job() -> JobSpec {
             segment_steps: 1_000,
             audit_ppm: 100_000,
             norm_bound_ppm: 4_000_000,
+            robust: cohort_protocol::types::RobustAggregation::None,
         },
         created_at: Timestamp(1_764_000_000_000),
     }

@@ -91,6 +91,7 @@ fn job() -> JobSpec {
             segment_steps: 2,
             audit_ppm: 50_000,
             norm_bound_ppm: 3_000_000,
+            robust: cohort_protocol::types::RobustAggregation::None,
         },
         created_at: Timestamp(1_764_000_000_000),
     }

@@ -14,13 +14,13 @@ use std::time::Duration;
 
 use cohort_protocol::rounds::PlannedShard;
 use cohort_protocol::rounds::coordinator::{
-    Coordinator, CoordinatorAction, CoordinatorEvent, MergeInput, MergeOutcome, Published, Refusal,
-    Verification,
+    Coordinator, CoordinatorAction, CoordinatorEvent, FilterInput, MergeInput, MergeOutcome,
+    Published, Refusal, Verification,
 };
 use cohort_protocol::types::{
     AdapterConfig, AdapterKind, AnnouncementBody, BaseQuant, DatanetRef, Deadlines, EarlyStopping,
-    Hyperparameters, JobId, JobSpec, LrSchedule, MergeMethod, Quorum, RejectReason, TargetModule,
-    Timestamp, UpdateCommit, ValidationSpec, VerificationSpec,
+    Hyperparameters, JobId, JobSpec, LrSchedule, MergeMethod, Quorum, RejectReason,
+    RobustAggregation, TargetModule, Timestamp, UpdateCommit, ValidationSpec, VerificationSpec,
 };
 use cohort_protocol::{ContentHash, PeerId, Signed};
 use serde::Deserialize;
@@ -41,7 +41,8 @@ pub struct CreateJob {
     pub name: String,
     /// The base model: a path, a file name in the model cache, or empty for the default model.
     pub model: String,
-    /// Datanets by name or id; their latest versions are used.
+    /// Datanets by name or id, at their latest versions, or `NAME@VERSION` for an earlier one
+    /// (held by this node).
     pub datanets: Vec<String>,
     /// Train against the GGUF's quantized blocks (QLoRA) instead of an f32 copy.
     pub qlora: bool,
@@ -91,6 +92,10 @@ pub struct CreateJob {
     pub audit_rate: f64,
     /// An update whose delta exceeds this multiple of the round's median is refused.
     pub norm_bound: f64,
+    /// Byzantine updates tolerated per round: with `f > 0`, Multi-Krum refuses the `f` updates
+    /// farthest from the others in every round (needs `max_workers >= 2f + 3` and
+    /// `max_workers >= min_updates + f`); 0 turns the filter off.
+    pub byzantine: u32,
 }
 
 impl Default for CreateJob {
@@ -123,6 +128,7 @@ impl Default for CreateJob {
             segment_steps: 4,
             audit_rate: 0.1,
             norm_bound: 4.0,
+            byzantine: 0,
         }
     }
 }
@@ -160,23 +166,54 @@ pub async fn create_job(node: &Arc<Node>, req: CreateJob) -> Result<JobId, Strin
     if req.datanets.is_empty() {
         return Err("datanets: name at least one datanet".into());
     }
-    // Datanets and their latest versions.
+    // Datanets at their latest versions, or at the version named by `NAME@VERSION`.
     let mut refs = Vec::new();
-    for name in &req.datanets {
-        let n = name.clone();
-        let d = node
+    for given in &req.datanets {
+        let (name, version) = match given.rsplit_once('@') {
+            Some((n, v)) => {
+                let v: u64 = v
+                    .parse()
+                    .map_err(|_| format!("datanets: `{given}`: the version is not a number"))?;
+                (n.to_owned(), Some(v))
+            }
+            None => (given.clone(), None),
+        };
+        let found = node
             .state
-            .call(move |s| s.resolve(&n))
+            .call(move |s| -> Result<_, String> {
+                let d = s.resolve(&name).map_err(|e| e.to_string())?;
+                let head = d
+                    .head
+                    .ok_or_else(|| format!("datanet `{}` has no published version", d.name))?;
+                let Some(want) = version else {
+                    return Ok((d.id, head.version, head.manifest));
+                };
+                // Walk back from the head to the version asked for.
+                let mut next = Some(head.manifest);
+                while let Some(hash) = next {
+                    let m = s
+                        .manifest(&hash)
+                        .map_err(|e| e.to_string())?
+                        .and_then(|m| m.verify().ok())
+                        .ok_or_else(|| {
+                            format!("datanet `{}`: version {want} is not held here", d.name)
+                        })?;
+                    if m.version == want {
+                        return Ok((d.id, m.version, hash));
+                    }
+                    next = m.previous.filter(|_| m.version > want);
+                }
+                Err(format!(
+                    "datanet `{}` has no version {want} (latest {})",
+                    d.name, head.version
+                ))
+            })
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        let head = d
-            .head
-            .ok_or_else(|| format!("datanet `{}` has no published version", d.name))?;
+            .map_err(|e| e.to_string())??;
         refs.push(DatanetRef {
-            datanet: d.id,
-            version: head.version,
-            manifest: head.manifest,
+            datanet: found.0,
+            version: found.1,
+            manifest: found.2,
         });
     }
     refs.sort_by_key(|r| r.datanet);
@@ -274,6 +311,10 @@ pub async fn create_job(node: &Arc<Node>, req: CreateJob) -> Result<JobId, Strin
             segment_steps: req.segment_steps,
             audit_ppm: ppm("audit_rate", req.audit_rate, 0.0, 1.0)?,
             norm_bound_ppm: ppm("norm_bound", req.norm_bound, 1.0, 1e6)?,
+            robust: match req.byzantine {
+                0 => RobustAggregation::None,
+                f => RobustAggregation::MultiKrum { f },
+            },
         },
         created_at: now(),
     };
@@ -600,6 +641,7 @@ impl Task {
                     commit,
                     audit,
                 } => self.verify(round, start, commit, audit),
+                CoordinatorAction::Distances { round, updates } => self.distances(round, updates),
                 CoordinatorAction::Merge {
                     round,
                     start,
@@ -778,6 +820,36 @@ impl Task {
                 dir,
             })
         }
+    }
+
+    /// Computes the pairwise distances of the round's verified updates for the robust filter.
+    /// On failure it does not answer: the machine's filter deadline closes the round unmerged.
+    fn distances(&mut self, round: u32, updates: Vec<FilterInput>) {
+        let ctx = self.context();
+        let tx = self.results_tx.clone();
+        let job = self.job;
+        self.node.spawn(async move {
+            let result = match ctx.await {
+                Ok(ctx) => distances(ctx, round, &updates).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(dist) => {
+                    let commits = updates.iter().map(|u| u.commit).collect();
+                    tx.send(CoordinatorEvent::Distances {
+                        round,
+                        commits,
+                        dist,
+                    })
+                    .await
+                    .ok();
+                }
+                Err(e) => {
+                    tracing::error!("job {job} round {round}: update distances failed: {e}");
+                    eprintln!("job {job} round {round}: update distances failed: {e}");
+                }
+            }
+        });
     }
 
     fn merge(
@@ -992,6 +1064,25 @@ async fn snapshot_dir(
         .join(format!("rounds/{round}/snapshots/{}", worker.short()));
     std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
     work::unpacked(&ctx.node, &blob, Some(worker), &root).await
+}
+
+/// The pairwise squared distances of the updates' deltas
+/// ([`cohort_trainer::federated::update_distances`]), in the order given. The blobs are those
+/// verification fetched (unpacked under the round's directory already, or fetched again).
+async fn distances(ctx: Ctx, round: u32, updates: &[FilterInput]) -> Result<Vec<f64>, String> {
+    let mut dirs = Vec::with_capacity(updates.len());
+    for u in updates {
+        let root = ctx
+            .dir
+            .join(format!("rounds/{round}/updates/{}", u.worker.short()));
+        std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+        dirs.push(work::unpacked(&ctx.node, &u.update, Some(u.worker), &root).await?);
+    }
+    let setup = ctx.setup.clone();
+    work::blocking(move || {
+        cohort_trainer::federated::update_distances(&setup, &dirs).map_err(|e| e.to_string())
+    })
+    .await
 }
 
 /// Merges the accepted updates, evaluates, attributes; publishes the merged adapter.

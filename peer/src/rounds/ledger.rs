@@ -304,9 +304,13 @@ pub fn check_entry(e: &LedgerEntry, close: Option<&Signed<RoundClose>>) -> Vec<S
                             cc.peer.short()
                         )),
                         Some(v) => {
+                            // Outliers of the robust filter passed every check of their work.
                             let passed = matches!(
                                 v.rejected,
-                                None | Some(cohort_protocol::types::RejectReason::NotMerged)
+                                None | Some(
+                                    cohort_protocol::types::RejectReason::NotMerged
+                                        | cohort_protocol::types::RejectReason::Outlier
+                                )
                             );
                             if v.commit != cc.commit || (cc.verified && !passed) {
                                 problems.push(format!(

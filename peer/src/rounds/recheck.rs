@@ -9,6 +9,13 @@
 //! also checks the plan against the datanets' signed manifests (contributors, tokens) and, when
 //! it can read every shard, the near-duplicate groups. On one kernel class (see the commit's
 //! `KernelClass`) the results are bit-identical; anything else is reported.
+//!
+//! The merge is recomputed from the merged set alone (the verdicts without a reason), so a round
+//! whose robust filter refused outliers rechecks like any other. The refusals themselves (norm
+//! bound, spot checks, Multi-Krum's [`RejectReason::Outlier`]) are taken from the signed close,
+//! not recomputed: refused updates are not published. Of the filter, only its arithmetic on the
+//! counts is checked: a merged round refuses exactly `min(f, m − 3)` outliers of the `m`
+//! updates it compared (none without a filter).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,7 +23,7 @@ use std::sync::Arc;
 use cohort_protocol::rounds::coordinator::round_data_credits;
 use cohort_protocol::rounds::{RoundRecord, merge_weights};
 use cohort_protocol::types::rpc::{RequestBody, Response};
-use cohort_protocol::types::{JobId, JobSpec, LedgerEntry, RoundOutcome};
+use cohort_protocol::types::{JobId, JobSpec, LedgerEntry, RejectReason, RoundOutcome};
 use cohort_protocol::{ContentHash, PeerId, Signed};
 
 use super::work;
@@ -205,6 +212,22 @@ async fn recheck_inner(
         ));
     }
     let spec = spec_of(node, e.job, coordinator).await?;
+    // The robust filter: it compared the merged updates and its outliers, and refused
+    // min(f, m − 3) of them (see the coordinator's docs).
+    let outliers = close
+        .verdicts
+        .iter()
+        .filter(|v| v.rejected == Some(RejectReason::Outlier))
+        .count();
+    let f = spec.verification.robust.byzantine() as usize;
+    let compared = accepted + outliers;
+    let want = f.min(compared.saturating_sub(3));
+    if outliers != want {
+        problems.push(format!(
+            "the close refuses {outliers} of {compared} updates as outliers; the job's filter \
+             (f = {f}) refuses {want}"
+        ));
+    }
     // The plan against the datanets' signed manifests.
     let shards = work::job_shards(node, &spec, coordinator).await?;
     for p in &record.shards {

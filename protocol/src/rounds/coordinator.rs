@@ -5,9 +5,22 @@
 //! ```text
 //! Enrolling --deadline with quorum, or max_workers joined--> Training
 //! Training  --every assigned worker committed, or commit deadline--> Verifying
-//! Verifying --every commit verified, or validation deadline--> Merging
+//! Verifying --every commit verified, or validation deadline--> (norm bound) Filtering or Merging
+//! Filtering --distances, or filter deadline--> Merging
 //! Merging   --merge result--> closed; the next round opens, or the job ends
 //! ```
+//!
+//! Filtering happens only in jobs with a Byzantine-robust filter
+//! ([`crate::types::RobustAggregation::MultiKrum`] with budget `f`). The machine has no tensors:
+//! it asks the driver for the pairwise squared distances `‖ΔW_i − ΔW_j‖²_F` of the `m` updates
+//! left after the norm bound ([`CoordinatorAction::Distances`], answered by
+//! [`CoordinatorEvent::Distances`]), scores them itself ([`super::multi_krum_outliers`]) and
+//! refuses the `f` farthest as [`RejectReason::Outlier`]. With `m < f + 3` the filter runs with
+//! `f` lowered to `m − 3` (and not at all for `m ≤ 3`); the quorum counts what is left after the
+//! filter, so a round whose filter would leave fewer than `min_updates` closes unmerged without
+//! asking for distances. The driver has one validation period (`validate_ms`) from the request
+//! to answer; if it has not by then (a lost or failed computation), the round closes unmerged
+//! rather than merging unfiltered updates.
 //!
 //! The coordinator never trusts a message because of where it came from: joins and commits are
 //! checked for signature, rules, sender and timing here, and each refusal is reported as a
@@ -43,6 +56,9 @@ pub enum Phase {
     Merging,
     /// The job has ended; nothing more happens.
     Finished,
+    /// The driver computes the pairwise distances of the updates that passed verification and
+    /// the norm bound, for the Byzantine-robust filter (between `Verifying` and `Merging`).
+    Filtering,
 }
 
 /// What the driver found when it checked one update.
@@ -70,6 +86,17 @@ pub struct MergeInput {
     /// Its weight in the merge: its share of the accepted updates' tokens (the weights sum
     /// to 1).
     pub weight: f64,
+}
+
+/// One update the robust filter compares (the [`CoordinatorAction::Distances`] request).
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct FilterInput {
+    /// The worker.
+    pub worker: PeerId,
+    /// The update's blob hash.
+    pub update: ContentHash,
+    /// The hash of the signed commit.
+    pub commit: ContentHash,
 }
 
 /// What the driver reports after merging and evaluating.
@@ -107,6 +134,18 @@ pub enum CoordinatorEvent {
         commit: ContentHash,
         /// What it found.
         result: Verification,
+    },
+    /// The driver computed the pairwise distances (the answer to
+    /// [`CoordinatorAction::Distances`]).
+    Distances {
+        /// The round.
+        round: u32,
+        /// The commit hashes of the updates compared, in the order of the request's `updates`.
+        commits: Vec<ContentHash>,
+        /// `m x m`, row-major: entry `(i, j)` is `‖ΔW_i − ΔW_j‖²_F` over all of the adapter's
+        /// projections, LoRA scaling included. Symmetric, finite and not negative; the
+        /// diagonal is ignored.
+        dist: Vec<f64>,
     },
     /// The driver finished merging (the answer to [`CoordinatorAction::Merge`]).
     Merged(MergeOutcome),
@@ -168,6 +207,16 @@ pub enum CoordinatorAction {
         commit: Signed<UpdateCommit>,
         /// Indices into the commit's `segments` to re-execute.
         audit: Vec<u32>,
+    },
+    /// Compute the pairwise squared distances of these updates' deltas (the start adapter
+    /// cancels out: `‖(U_i − S) − (U_j − S)‖ = ‖U_i − U_j‖`, so it is not needed) for the
+    /// Byzantine-robust filter; answer with [`CoordinatorEvent::Distances`] before the filter
+    /// deadline ([`Coordinator::next_deadline`]).
+    Distances {
+        /// The round.
+        round: u32,
+        /// The updates left after verification and the norm bound, sorted by worker.
+        updates: Vec<FilterInput>,
     },
     /// Merge the updates into the start adapter, evaluate on the validation set, and compute
     /// each update's Shapley value; answer with [`CoordinatorEvent::Merged`]. With no updates,
@@ -241,6 +290,8 @@ struct Round {
     verify_until: Timestamp,
     commits: BTreeMap<PeerId, CommitSlot>,
     merge_inputs: Vec<MergeInput>,
+    /// When the robust filter gives up waiting for the driver's distances.
+    filter_until: Timestamp,
 }
 
 /// The job owner's state machine for one job.
@@ -372,6 +423,7 @@ impl Coordinator {
                     }
                 }
             }
+            Phase::Filtering => actions.push(me.distances_action()),
             Phase::Merging => actions.push(me.merge_action()),
             _ => {}
         }
@@ -453,6 +505,7 @@ impl Coordinator {
             }
             Phase::Training => Some(self.round.commit_until.max(self.grace_until)),
             Phase::Verifying => Some(self.round.verify_until),
+            Phase::Filtering => Some(self.round.filter_until),
             Phase::Merging | Phase::Finished => None,
         }
     }
@@ -483,6 +536,11 @@ impl Coordinator {
                 commit,
                 result,
             } => self.on_verified(worker, commit, result),
+            CoordinatorEvent::Distances {
+                round,
+                commits,
+                dist,
+            } => self.on_distances(round, &commits, &dist, &mut out),
             CoordinatorEvent::Merged(result) => {
                 self.on_merged(now, result, keypair, &mut out);
                 return out;
@@ -531,6 +589,7 @@ impl Coordinator {
             verify_until: Timestamp(u64::MAX),
             commits: BTreeMap::new(),
             merge_inputs: Vec::new(),
+            filter_until: Timestamp(u64::MAX),
         }
     }
 
@@ -696,7 +755,15 @@ impl Coordinator {
                         }
                     }
                     if !pending || now >= self.round.verify_until {
-                        self.start_merging(now, keypair, out);
+                        self.end_verification(now, out);
+                    }
+                }
+                Phase::Filtering => {
+                    if now >= self.round.filter_until {
+                        // No distances in time: merging the updates unfiltered would defeat
+                        // the filter, so the round closes unmerged (the passed updates are
+                        // `NotMerged`).
+                        self.start_merging(false, out);
                     }
                 }
                 Phase::Merging | Phase::Finished => {}
@@ -771,12 +838,9 @@ impl Coordinator {
         }
     }
 
-    fn start_merging(
-        &mut self,
-        _now: Timestamp,
-        _keypair: &Keypair,
-        out: &mut Vec<CoordinatorAction>,
-    ) {
+    /// Verification is over: applies the norm bound, then either asks for the robust filter's
+    /// distances or goes on to the merge.
+    fn end_verification(&mut self, now: Timestamp, out: &mut Vec<CoordinatorAction>) {
         // The norm bound: an update whose delta is more than `norm_bound_ppm / 1e6` times the
         // median of the round's passed updates is refused. The median is robust to a minority
         // of oversized updates, which is what the bound is for.
@@ -806,13 +870,106 @@ impl Coordinator {
                 }
             }
         }
+        let m = self.passed_count();
+        let f = self.filter_budget(m);
+        if m - f < self.spec.quorum.min_updates as usize {
+            // Even a merge of every update the filter would keep misses the quorum.
+            self.start_merging(false, out);
+        } else if f == 0 {
+            self.start_merging(true, out);
+        } else {
+            self.round.filter_until = after(now, self.spec.deadlines.validate_ms);
+            self.phase = Phase::Filtering;
+            out.push(self.distances_action());
+            out.push(CoordinatorAction::WakeAt(self.round.filter_until));
+        }
+    }
+
+    fn passed_count(&self) -> usize {
+        self.round
+            .commits
+            .values()
+            .filter(|s| matches!(s.state, SlotState::Passed { .. }))
+            .count()
+    }
+
+    /// How many of `m` passed updates the robust filter refuses: the job's `f`, lowered to
+    /// `m − 3` when there are too few updates to score with `f` (Multi-Krum needs `m ≥ f + 3`).
+    fn filter_budget(&self, m: usize) -> usize {
+        let f = self.spec.verification.robust.byzantine() as usize;
+        f.min(m.saturating_sub(3))
+    }
+
+    /// The updates the filter compares: the passed ones, sorted by worker.
+    fn filter_inputs(&self) -> Vec<FilterInput> {
+        self.round
+            .commits
+            .iter()
+            .filter(|(_, s)| matches!(s.state, SlotState::Passed { .. }))
+            .filter_map(|(w, s)| {
+                Some(FilterInput {
+                    worker: *w,
+                    update: s.commit.verify().ok()?.update,
+                    commit: s.commit.hash(),
+                })
+            })
+            .collect()
+    }
+
+    fn distances_action(&self) -> CoordinatorAction {
+        CoordinatorAction::Distances {
+            round: self.round.number,
+            updates: self.filter_inputs(),
+        }
+    }
+
+    fn on_distances(
+        &mut self,
+        round: u32,
+        commits: &[ContentHash],
+        dist: &[f64],
+        out: &mut Vec<CoordinatorAction>,
+    ) {
+        if self.phase != Phase::Filtering || round != self.round.number {
+            return;
+        }
+        let inputs = self.filter_inputs();
+        let m = inputs.len();
+        let fits = inputs.iter().map(|i| &i.commit).eq(commits)
+            && dist.len() == m * m
+            && (0..m).all(|i| {
+                (0..m).all(|j| {
+                    let d = dist[i * m + j];
+                    i == j || (d.is_finite() && d >= 0.0 && d == dist[j * m + i])
+                })
+            });
+        if !fits {
+            // A driver bug or an answer to an older request: ignore it; the filter deadline
+            // still ends the round.
+            return;
+        }
+        let Some(outliers) = super::multi_krum_outliers(dist, m, self.filter_budget(m)) else {
+            return;
+        };
+        for i in outliers {
+            if let Some(slot) = self.round.commits.get_mut(&inputs[i].worker) {
+                slot.state = SlotState::Rejected(RejectReason::Outlier);
+            }
+        }
+        self.start_merging(true, out);
+    }
+
+    /// Fixes the merge inputs (the passed updates when `merge` and they make the quorum,
+    /// otherwise none) and asks the driver to merge.
+    fn start_merging(&mut self, merge: bool, out: &mut Vec<CoordinatorAction>) {
         let passed: Vec<(&PeerId, &CommitSlot)> = self
             .round
             .commits
             .iter()
             .filter(|(_, s)| matches!(s.state, SlotState::Passed { .. }))
             .collect();
-        self.round.merge_inputs = if passed.len() >= self.spec.quorum.min_updates as usize {
+        self.round.merge_inputs = if merge && passed.len() >= self.spec.quorum.min_updates as usize
+        {
             let weights =
                 super::merge_weights(&passed.iter().map(|(_, s)| s.tokens).collect::<Vec<_>>());
             passed
@@ -920,7 +1077,12 @@ impl Coordinator {
                 peer: *w,
                 commit: s.commit.hash(),
                 tokens: s.tokens,
-                verified: matches!(s.state, SlotState::Passed { .. }),
+                // An outlier passed every check of its work; the filter refuses `f` updates
+                // in every round it runs, honest ones included.
+                verified: matches!(
+                    s.state,
+                    SlotState::Passed { .. } | SlotState::Rejected(RejectReason::Outlier)
+                ),
             })
             .collect();
         let (before, after_loss, trunc) = match &result {

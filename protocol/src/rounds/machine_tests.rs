@@ -26,6 +26,9 @@ enum Behaviour {
     Bad(RejectReason),
     /// Its delta is this many times the others'.
     Oversized(f64),
+    /// Its delta has the others' norm but points the other way (a sign-flipping attacker the
+    /// norm bound cannot see).
+    Opposite,
 }
 
 enum Ev {
@@ -47,6 +50,9 @@ struct Net {
     workers_finished: usize,
     loss: f32,
     assignment_log: Vec<WorkAssignment>,
+    /// Distance requests seen, and whether the driver loses them instead of answering.
+    distance_requests: Vec<(Timestamp, Vec<FilterInput>)>,
+    drop_distances: bool,
 }
 
 fn spec(rounds: u32, min_updates: u32) -> JobSpec {
@@ -99,6 +105,7 @@ fn spec(rounds: u32, min_updates: u32) -> JobSpec {
             segment_steps: 4,
             audit_ppm: 100_000,
             norm_bound_ppm: 4_000_000,
+            robust: RobustAggregation::None,
         },
         created_at: Timestamp(0),
     }
@@ -164,6 +171,8 @@ impl Net {
             workers_finished: 0,
             loss: 3.0,
             assignment_log: Vec::new(),
+            distance_requests: Vec::new(),
+            drop_distances: false,
         };
         net.coord_actions(actions);
         net
@@ -209,6 +218,21 @@ impl Net {
             .unwrap_or(Behaviour::Honest)
     }
 
+    /// The update's delta as a point in the plane: the honest ones close together around
+    /// (1, 0), each a little apart; `Opposite` at (-1, 0), as far as norm 1 allows.
+    fn delta_of(&self, p: PeerId) -> [f64; 2] {
+        let i = self
+            .workers
+            .iter()
+            .position(|(k, _, _)| k.peer_id() == p)
+            .unwrap_or(0);
+        match self.behaviour_of(p) {
+            Behaviour::Opposite => [-1.0, 0.0],
+            Behaviour::Oversized(x) => [x, 0.0],
+            _ => [1.0, 0.01 * i as f64],
+        }
+    }
+
     fn coord_actions(&mut self, actions: Vec<CoordinatorAction>) {
         for a in actions {
             match a {
@@ -232,10 +256,12 @@ impl Net {
                 CoordinatorAction::Verify { commit, audit, .. } => {
                     let c = commit.verify().expect("own commit");
                     assert!(audit.iter().all(|i| (*i as usize) < c.segments.len()));
+                    let d = self.delta_of(commit.signer());
                     let result = match self.behaviour_of(commit.signer()) {
                         Behaviour::Bad(r) => Verification::Failed(r),
-                        Behaviour::Oversized(x) => Verification::Passed { delta_norm: x },
-                        _ => Verification::Passed { delta_norm: 1.0 },
+                        _ => Verification::Passed {
+                            delta_norm: d[0].hypot(d[1]),
+                        },
                     };
                     self.at(
                         5,
@@ -243,6 +269,30 @@ impl Net {
                             worker: commit.signer(),
                             commit: commit.hash(),
                             result,
+                        }),
+                    );
+                }
+                CoordinatorAction::Distances { round, updates } => {
+                    self.distance_requests.push((self.now, updates.clone()));
+                    if self.drop_distances {
+                        continue;
+                    }
+                    let points: Vec<[f64; 2]> =
+                        updates.iter().map(|u| self.delta_of(u.worker)).collect();
+                    let dist = points
+                        .iter()
+                        .flat_map(|p| {
+                            points
+                                .iter()
+                                .map(move |q| (p[0] - q[0]).powi(2) + (p[1] - q[1]).powi(2))
+                        })
+                        .collect();
+                    self.at(
+                        5,
+                        Ev::Coord(CoordinatorEvent::Distances {
+                            round,
+                            commits: updates.iter().map(|u| u.commit).collect(),
+                            dist,
                         }),
                     );
                 }
@@ -627,14 +677,14 @@ fn a_round_that_never_reaches_its_quorum_gives_up() {
     assert_eq!(net.workers_finished, 3);
 }
 
-#[test]
-fn a_restarted_coordinator_finishes_the_job_identically() {
-    // Reference: an uninterrupted run.
-    let mut reference = Net::new(spec(2, 2), &vec![Behaviour::Honest; 3]);
+/// Stops the coordinator at each of `stops` (virtual ms), loses every coordinator event in
+/// flight, restores it from its saved bytes, and checks that the job ends as an uninterrupted
+/// run of it did: same outcomes, verdicts and credit totals. Returns the reference run.
+fn restarts_finish_identically(spec: &JobSpec, behaviours: &[Behaviour], stops: &[u64]) -> Net {
+    let mut reference = Net::new(spec.clone(), behaviours);
     reference.run(u64::MAX);
-    // Stop points in every phase of round 0 and in round 1.
-    for stop in [500, 1_500, 3_100, 3_150, 3_200, 14_000] {
-        let mut net = Net::new(spec(2, 2), &vec![Behaviour::Honest; 3]);
+    for &stop in stops {
+        let mut net = Net::new(spec.clone(), behaviours);
         net.run(stop);
         let saved = net.coord.save();
         // The process dies: every coordinator event in flight is lost with it.
@@ -648,18 +698,35 @@ fn a_restarted_coordinator_finishes_the_job_identically() {
         net.coord = coord;
         net.coord_actions(actions);
         net.run(u64::MAX);
-        assert_eq!(net.finished, Some(RoundOutcome::Merged), "stop at {stop}");
-        assert_eq!(net.closes.len(), 2, "stop at {stop}");
+        assert_eq!(net.finished, reference.finished, "stop at {stop}");
+        assert_eq!(net.closes.len(), reference.closes.len(), "stop at {stop}");
         for (a, b) in net.closes.iter().zip(&reference.closes) {
-            assert_eq!(a.0.outcome, b.0.outcome);
-            assert_eq!(a.0.verdicts.len(), b.0.verdicts.len(), "stop at {stop}");
-            assert!(
-                a.0.verdicts.iter().all(|v| v.rejected.is_none()),
-                "stop at {stop}: {:?}",
-                a.0.verdicts
-            );
-            assert_eq!(data_total(&a.1), data_total(&b.1));
+            assert_eq!(a.0.outcome, b.0.outcome, "stop at {stop}");
+            let reasons = |c: &RoundClose| -> Vec<(PeerId, Option<RejectReason>)> {
+                c.verdicts
+                    .iter()
+                    .map(|v| (v.worker, v.rejected.clone()))
+                    .collect()
+            };
+            assert_eq!(reasons(&a.0), reasons(&b.0), "stop at {stop}");
+            assert_eq!(data_total(&a.1), data_total(&b.1), "stop at {stop}");
         }
+    }
+    reference
+}
+
+#[test]
+fn a_restarted_coordinator_finishes_the_job_identically() {
+    // Stop points in every phase of round 0 and in round 1.
+    let reference = restarts_finish_identically(
+        &spec(2, 2),
+        &vec![Behaviour::Honest; 3],
+        &[500, 1_500, 3_100, 3_150, 3_200, 14_000],
+    );
+    assert_eq!(reference.finished, Some(RoundOutcome::Merged));
+    assert_eq!(reference.closes.len(), 2);
+    for (close, _, _) in &reference.closes {
+        assert!(close.verdicts.iter().all(|v| v.rejected.is_none()));
     }
 }
 
@@ -816,4 +883,280 @@ fn shard_credits_pool_duplicates_zero_the_harmful_and_sum_exactly() {
             .iter()
             .all(|c| c.value.0 == 0)
     );
+}
+
+/// [`spec`] with Multi-Krum tolerating `f` Byzantine updates.
+fn krum_spec(rounds: u32, min_updates: u32, f: u32) -> JobSpec {
+    let mut s = spec(rounds, min_updates);
+    s.verification.robust = RobustAggregation::MultiKrum { f };
+    s.validate().expect("valid spec");
+    s
+}
+
+fn four_honest_and(b: Behaviour) -> Vec<Behaviour> {
+    let mut v = vec![Behaviour::Honest; 4];
+    v.push(b);
+    v
+}
+
+#[test]
+fn multi_krum_refuses_the_far_update_and_merges_the_rest() {
+    let mut net = Net::new(krum_spec(1, 2, 1), &four_honest_and(Behaviour::Opposite));
+    net.run(u64::MAX);
+    let (close, data, compute) = &net.closes[0];
+    assert_eq!(close.outcome, RoundOutcome::Merged);
+    // One request, for the five updates that passed, sorted by worker.
+    assert_eq!(net.distance_requests.len(), 1);
+    let asked: Vec<PeerId> = net.distance_requests[0]
+        .1
+        .iter()
+        .map(|u| u.worker)
+        .collect();
+    let mut all: Vec<PeerId> = (0..5).map(|i| net.peer(i)).collect();
+    all.sort();
+    assert_eq!(asked, all);
+    // The sign-flipped update has the others' norm: the norm bound lets it through, the
+    // filter refuses it, and the four others are merged.
+    assert_eq!(net.verdict(0, 4), Some(Some(RejectReason::Outlier)));
+    for i in 0..4 {
+        assert_eq!(net.verdict(0, i), Some(None), "worker {i}");
+    }
+    // Its work passed every check: compute credit, but no data credit for its shards.
+    assert!(compute.iter().all(|c| c.verified));
+    let merged: usize = (0..4).map(|i| net.shards_of(net.peer(i))).sum();
+    assert_eq!(data.len(), merged);
+    assert!(net.verdicts.contains(&(4, 0, Some(RejectReason::Outlier))));
+}
+
+#[test]
+fn without_a_filter_the_same_update_is_merged() {
+    let mut net = Net::new(spec(1, 2), &four_honest_and(Behaviour::Opposite));
+    net.run(u64::MAX);
+    assert!(net.distance_requests.is_empty());
+    assert_eq!(net.closes[0].0.outcome, RoundOutcome::Merged);
+    assert_eq!(net.verdict(0, 4), Some(None));
+}
+
+#[test]
+fn the_norm_bound_runs_before_the_filter() {
+    // The oversized update is refused by the norm bound; the filter compares the four others
+    // and, with f = 1, refuses one of them (they are about equally spread), so three are merged.
+    let mut net = Net::new(
+        krum_spec(1, 2, 1),
+        &four_honest_and(Behaviour::Oversized(50.0)),
+    );
+    net.run(u64::MAX);
+    assert_eq!(net.distance_requests[0].1.len(), 4);
+    assert_eq!(net.verdict(0, 4), Some(Some(RejectReason::NormBound)));
+    let outliers: Vec<usize> = (0..4)
+        .filter(|i| net.verdict(0, *i) == Some(Some(RejectReason::Outlier)))
+        .collect();
+    assert_eq!(outliers.len(), 1, "{outliers:?}");
+    assert_eq!(net.closes[0].0.outcome, RoundOutcome::Merged);
+}
+
+#[test]
+fn too_few_updates_for_f_filter_with_what_they_allow() {
+    // Three updates cannot be scored with f = 1 (Multi-Krum needs f + 3): the filter is
+    // skipped and all three are merged.
+    let mut net = Net::new(
+        krum_spec(1, 2, 1),
+        &[Behaviour::Honest, Behaviour::Honest, Behaviour::Opposite],
+    );
+    net.run(u64::MAX);
+    assert!(net.distance_requests.is_empty());
+    assert_eq!(net.closes[0].0.outcome, RoundOutcome::Merged);
+    assert!(
+        net.closes[0]
+            .0
+            .verdicts
+            .iter()
+            .all(|v| v.rejected.is_none())
+    );
+
+    // With f = 2, four updates are filtered with f lowered to 1.
+    let mut net = Net::new(
+        krum_spec(1, 2, 2),
+        &[
+            Behaviour::Honest,
+            Behaviour::Honest,
+            Behaviour::Vanishes,
+            Behaviour::Honest,
+            Behaviour::Opposite,
+        ],
+    );
+    net.run(u64::MAX);
+    assert_eq!(net.distance_requests[0].1.len(), 4);
+    assert_eq!(net.verdict(0, 4), Some(Some(RejectReason::Outlier)));
+    let refused = net.closes[0]
+        .0
+        .verdicts
+        .iter()
+        .filter(|v| v.rejected.is_some())
+        .count();
+    assert_eq!(refused, 1);
+}
+
+#[test]
+fn the_quorum_counts_the_updates_the_filter_keeps() {
+    // Quorum 4 and f = 1 with exactly four updates: the filter would leave three, so the round
+    // closes unmerged without asking for distances, and every update is `NotMerged`.
+    let mut net = Net::new(krum_spec(1, 4, 1), &vec![Behaviour::Honest; 4]);
+    net.run(u64::MAX);
+    assert!(net.distance_requests.is_empty());
+    let (close, data, compute) = &net.closes[0];
+    assert_eq!(close.outcome, RoundOutcome::NoQuorum);
+    assert!(
+        close
+            .verdicts
+            .iter()
+            .all(|v| v.rejected == Some(RejectReason::NotMerged))
+    );
+    assert!(data.is_empty());
+    assert!(compute.iter().all(|c| c.verified));
+    // A fifth update makes the quorum after the filter.
+    let mut net = Net::new(krum_spec(1, 4, 1), &four_honest_and(Behaviour::Opposite));
+    net.run(u64::MAX);
+    assert_eq!(net.closes[0].0.outcome, RoundOutcome::Merged);
+    assert_eq!(net.verdict(0, 4), Some(Some(RejectReason::Outlier)));
+}
+
+#[test]
+fn lost_distances_close_the_round_unmerged_at_the_filter_deadline() {
+    let mut net = Net::new(krum_spec(2, 2, 1), &four_honest_and(Behaviour::Opposite));
+    net.drop_distances = true;
+    net.run(u64::MAX);
+    // Round 0 waited one validation period for the distances, then closed without merging the
+    // unfiltered updates; round 1 asked again (and lost again), and the job ended.
+    assert_eq!(net.distance_requests.len(), 2);
+    for (r, (close, data, _)) in net.closes.iter().enumerate() {
+        assert_eq!(close.outcome, RoundOutcome::NoQuorum);
+        assert!(data.is_empty());
+        assert!(
+            close
+                .verdicts
+                .iter()
+                .all(|v| v.rejected == Some(RejectReason::NotMerged))
+        );
+        let asked = net.distance_requests[r].0;
+        assert!(close.closed_at.0 >= asked.0 + 5_000, "round {r}");
+    }
+    assert_eq!(net.finished, Some(RoundOutcome::NoQuorum));
+}
+
+#[test]
+fn answers_that_do_not_fit_the_request_are_ignored() {
+    let mut net = Net::new(krum_spec(1, 2, 1), &four_honest_and(Behaviour::Opposite));
+    net.drop_distances = true;
+    while net.distance_requests.is_empty() {
+        let (t, _) = *net.queue.first_key_value().expect("events").0;
+        net.run(t.0);
+    }
+    assert_eq!(net.coord.phase(), Phase::Filtering);
+    let (_, updates) = net.distance_requests[0].clone();
+    let commits: Vec<ContentHash> = updates.iter().map(|u| u.commit).collect();
+    let m = commits.len();
+    let good = vec![1.0; m * m];
+    let mut asymmetric = good.clone();
+    asymmetric[1] = 2.0;
+    let mut negative = good.clone();
+    negative[1] = -1.0;
+    negative[m] = -1.0;
+    let mut nan = good.clone();
+    nan[1] = f64::NAN;
+    nan[m] = f64::NAN;
+    let mut reordered = commits.clone();
+    reordered.swap(0, 1);
+    for (round, commits, dist) in [
+        (1, commits.clone(), good.clone()),
+        (0, commits[1..].to_vec(), good.clone()),
+        (0, reordered, good.clone()),
+        (0, commits.clone(), good[1..].to_vec()),
+        (0, commits.clone(), asymmetric),
+        (0, commits.clone(), negative),
+        (0, commits.clone(), nan),
+    ] {
+        let a = net.coord.handle(
+            net.now,
+            CoordinatorEvent::Distances {
+                round,
+                commits,
+                dist,
+            },
+            &net.owner,
+        );
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(net.coord.phase(), Phase::Filtering);
+    }
+    // The right answer goes through.
+    let a = net.coord.handle(
+        net.now,
+        CoordinatorEvent::Distances {
+            round: 0,
+            commits,
+            dist: good,
+        },
+        &net.owner,
+    );
+    assert!(matches!(&a[..], [CoordinatorAction::Merge { updates, .. }] if updates.len() == m - 1));
+    assert_eq!(net.coord.phase(), Phase::Merging);
+}
+
+#[test]
+fn a_coordinator_restarted_while_filtering_finishes_identically() {
+    let spec = krum_spec(2, 2, 1);
+    let behaviours = four_honest_and(Behaviour::Opposite);
+    let mut reference = Net::new(spec.clone(), &behaviours);
+    reference.run(u64::MAX);
+    assert_eq!(reference.distance_requests.len(), 2);
+    // Stop right after each round's distance request (the answer is in flight and is lost),
+    // and around it.
+    let asked: Vec<u64> = reference
+        .distance_requests
+        .iter()
+        .map(|(t, _)| t.0)
+        .collect();
+    let mut stops = vec![1_500, asked[0] - 1, asked[0], asked[0] + 5, asked[1]];
+    stops.sort_unstable();
+    let reference = restarts_finish_identically(&spec, &behaviours, &stops);
+    for (close, _, _) in &reference.closes {
+        assert_eq!(close.outcome, RoundOutcome::Merged);
+        let outlier = reference.peer(4);
+        for v in &close.verdicts {
+            let want = (v.worker == outlier).then_some(RejectReason::Outlier);
+            assert_eq!(v.rejected, want);
+        }
+    }
+    // Stopped while filtering, the saved state restores into the same phase and re-issues the
+    // request.
+    let mut net = Net::new(spec, &behaviours);
+    net.run(asked[0]);
+    assert_eq!(net.coord.phase(), Phase::Filtering);
+    let (coord, actions) =
+        Coordinator::restore(&net.coord.save(), &net.owner, net.now).expect("restore");
+    assert_eq!(coord.phase(), Phase::Filtering);
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        CoordinatorAction::Distances { updates, .. } if *updates == reference.distance_requests[0].1
+    )));
+}
+
+#[test]
+fn robust_settings_are_validated() {
+    let with = |min: u32, max: u32, f: u32| {
+        let mut s = spec(1, min);
+        s.quorum.max_workers = max;
+        s.verification.robust = RobustAggregation::MultiKrum { f };
+        s.validate()
+    };
+    assert!(with(2, 5, 1).is_ok());
+    assert!(with(2, 7, 2).is_ok());
+    // f = 0 is spelled `None`.
+    assert!(with(2, 8, 0).is_err());
+    // Krum needs n > 2f + 2 in a full round.
+    assert!(with(2, 6, 2).is_err());
+    // A full round keeps its quorum after refusing f.
+    assert!(with(5, 5, 1).is_err());
+    assert!(with(4, 5, 1).is_ok());
+    assert!(with(2, 8, u32::MAX).is_err());
 }

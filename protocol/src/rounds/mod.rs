@@ -14,12 +14,14 @@
 //!
 //! - They check every signature, every message's own rules, who may send what and when
 //!   (assignment, deadlines, duplicates, equivocation), seeded shard assignment, which
-//!   segments to audit, the norm bound against the round's median, quorum, early stopping,
-//!   and the credit arithmetic of the ledger entry.
+//!   segments to audit, the norm bound against the round's median, the Byzantine-robust filter's
+//!   choice from the updates' pairwise distances ([`multi_krum_outliers`]), quorum, early
+//!   stopping, and the credit arithmetic of the ledger entry.
 //! - The driver does the heavy or I/O-bound work and reports back: training
 //!   ([`WorkerAction::Train`]), fetching and checking an update and re-running its audited
-//!   segments ([`CoordinatorAction::Verify`]), and merging plus evaluating the accepted updates
-//!   and their coalitions ([`CoordinatorAction::Merge`]).
+//!   segments ([`CoordinatorAction::Verify`]), the pairwise distances of the verified updates
+//!   when the job filters them ([`CoordinatorAction::Distances`]), and merging plus evaluating
+//!   the accepted updates and their coalitions ([`CoordinatorAction::Merge`]).
 //!
 //! [`Coordinator`]: coordinator::Coordinator
 //! [`Coordinator::restore`]: coordinator::Coordinator::restore
@@ -27,6 +29,7 @@
 //! [`WorkerAction::Train`]: worker::WorkerAction::Train
 //! [`CoordinatorAction::Verify`]: coordinator::CoordinatorAction::Verify
 //! [`CoordinatorAction::Merge`]: coordinator::CoordinatorAction::Merge
+//! [`CoordinatorAction::Distances`]: coordinator::CoordinatorAction::Distances
 
 pub mod coordinator;
 pub mod worker;
@@ -81,6 +84,42 @@ pub fn merge_weights(tokens: &[u64]) -> Vec<f64> {
         .iter()
         .map(|t| (*t).max(1) as f64 / total as f64)
         .collect()
+}
+
+/// Multi-Krum's scores (Blanchard et al., 2017) of `m` updates with up to `f` Byzantine ones,
+/// from their pairwise squared distances `dist` (`m x m`, row-major; the diagonal is ignored):
+/// each update's score is the sum of its `m − f − 2` smallest distances to the others. Lower is
+/// more central. `None` unless `m ≥ f + 3` and `dist` has `m²` entries.
+pub fn multi_krum_scores(dist: &[f64], m: usize, f: usize) -> Option<Vec<f64>> {
+    if m < f + 3 || dist.len() != m * m {
+        return None;
+    }
+    let keep = m - f - 2;
+    Some(
+        (0..m)
+            .map(|i| {
+                let mut row: Vec<f64> = (0..m)
+                    .filter(|j| *j != i)
+                    .map(|j| dist[i * m + j])
+                    .collect();
+                row.sort_by(f64::total_cmp);
+                row[..keep].iter().sum()
+            })
+            .collect(),
+    )
+}
+
+/// The `f` updates Multi-Krum refuses: the highest [`multi_krum_scores`], as indices in
+/// increasing order. Updates are ranked by score, ties by index (the later one is refused), so
+/// every peer that has the distances picks the same ones. `Some(vec![])` for `f = 0`; `None`
+/// when the scores are undefined.
+pub fn multi_krum_outliers(dist: &[f64], m: usize, f: usize) -> Option<Vec<usize>> {
+    let scores = multi_krum_scores(dist, m, f)?;
+    let mut order: Vec<usize> = (0..m).collect();
+    order.sort_by(|a, b| scores[*a].total_cmp(&scores[*b]).then(a.cmp(b)));
+    let mut out = order.split_off(m - f);
+    out.sort_unstable();
+    Some(out)
 }
 
 /// The seed of round `round` of a job whose base seed is `job_seed`.
@@ -324,6 +363,29 @@ mod tests {
             );
             assert_eq!(a.iter().map(|w| w.shards.len()).sum::<usize>(), 6);
         }
+    }
+
+    #[test]
+    fn multi_krum_refuses_the_farthest_and_breaks_ties_by_index() {
+        // Five points on a line: 0, 1, 2, 3 and 100; squared distances.
+        let x = [0.0, 1.0, 2.0, 3.0, 100.0];
+        let m = x.len();
+        let dist: Vec<f64> = (0..m * m)
+            .map(|k| (x[k / m] - x[k % m]) * (x[k / m] - x[k % m]))
+            .collect();
+        // f = 1: each score sums the 2 nearest: 0 -> 1+4, 1 -> 1+1, 2 -> 1+1, 3 -> 1+4, 100 -> far.
+        assert_eq!(
+            multi_krum_scores(&dist, m, 1).unwrap(),
+            vec![5.0, 2.0, 2.0, 5.0, 97.0 * 97.0 + 98.0 * 98.0]
+        );
+        assert_eq!(multi_krum_outliers(&dist, m, 1), Some(vec![4]));
+        // f = 2: one nearest each, so the four near points tie at 1: 100 goes, and then the
+        // last of the tie.
+        assert_eq!(multi_krum_outliers(&dist, m, 2), Some(vec![3, 4]));
+        assert_eq!(multi_krum_outliers(&dist, m, 0), Some(vec![]));
+        // Too few updates, or a matrix of the wrong size.
+        assert_eq!(multi_krum_outliers(&dist, m, 3), None);
+        assert_eq!(multi_krum_scores(&dist[1..], m, 1), None);
     }
 
     #[test]

@@ -224,6 +224,36 @@ pub struct EarlyStopping {
     pub min_delta: f32,
 }
 
+/// Byzantine-robust filtering of a round's updates, after verification and the norm bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum RobustAggregation {
+    /// Every update that passed its checks and the norm bound is merged.
+    None,
+    /// Multi-Krum (Blanchard et al., 2017) with up to `f` Byzantine updates per round: each of
+    /// the `m` remaining updates is scored by the sum of its `m − f − 2` smallest squared
+    /// distances `‖ΔW_i − ΔW_j‖²_F` to the others, and the `f` highest-scoring ones are refused
+    /// as [`crate::types::RejectReason::Outlier`]. Scoring needs `m ≥ f + 3`: a round with fewer
+    /// updates filters with `f` lowered to `m − 3` (no filter at all for `m ≤ 3`). The round's
+    /// quorum counts the updates left after the filter.
+    MultiKrum {
+        /// Byzantine updates tolerated per round, at least 1 (no filter is
+        /// [`RobustAggregation::None`]); `2f + 3 ≤ max_workers` (Krum's `n > 2f + 2` in a full
+        /// round) and `min_updates + f ≤ max_workers` (a full round still has its quorum after
+        /// the filter).
+        f: u32,
+    },
+}
+
+impl RobustAggregation {
+    /// The Byzantine budget `f`; 0 without a filter.
+    pub fn byzantine(self) -> u32 {
+        match self {
+            Self::None => 0,
+            Self::MultiKrum { f } => f,
+        }
+    }
+}
+
 /// How updates are verified.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
 pub struct VerificationSpec {
@@ -234,6 +264,8 @@ pub struct VerificationSpec {
     /// Bound on the Frobenius norm of an update's delta B·A, in parts per million of the
     /// round's median (e.g. 3_000_000 = 3x the median).
     pub norm_bound_ppm: u32,
+    /// Byzantine-robust filtering of the updates that pass the norm bound.
+    pub robust: RobustAggregation,
 }
 
 /// A federated fine-tuning job, signed by its owner (the coordinator).
@@ -268,7 +300,7 @@ pub struct JobSpec {
 }
 
 impl SignedPayload for JobSpec {
-    const DOMAIN: &'static str = "cohort/job/v1";
+    const DOMAIN: &'static str = "cohort/job/v2";
 }
 
 impl JobSpec {
@@ -347,6 +379,38 @@ impl JobSpec {
                 "verification.norm_bound_ppm",
                 "a bound below the median rejects honest updates",
             ));
+        }
+        if let RobustAggregation::MultiKrum { f } = v.robust {
+            let (f, min, max) = (
+                u64::from(f),
+                u64::from(self.quorum.min_updates),
+                u64::from(self.quorum.max_workers),
+            );
+            if f == 0 {
+                return Err(c.fail(
+                    "verification.robust",
+                    "Multi-Krum tolerates at least one Byzantine update (no filter is None)",
+                ));
+            }
+            if 2 * f + 3 > max {
+                return Err(c.fail(
+                    "verification.robust",
+                    format!(
+                        "Multi-Krum with f = {f} needs max_workers >= 2f + 3 = {}",
+                        2 * f + 3
+                    ),
+                ));
+            }
+            if min + f > max {
+                return Err(c.fail(
+                    "verification.robust",
+                    format!(
+                        "Multi-Krum with f = {f} refuses f updates: max_workers must be at least \
+                         min_updates + f = {}",
+                        min + f
+                    ),
+                ));
+            }
         }
         Ok(())
     }

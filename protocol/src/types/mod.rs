@@ -28,8 +28,8 @@ pub use datanet::{
 };
 pub use job::{
     AdapterConfig, AdapterKind, BaseQuant, DatanetRef, Deadlines, EarlyStopping, Hyperparameters,
-    JobId, JobSpec, LrSchedule, MergeMethod, Quorum, TargetModule, ValidationSpec,
-    VerificationSpec,
+    JobId, JobSpec, LrSchedule, MergeMethod, Quorum, RobustAggregation, TargetModule,
+    ValidationSpec, VerificationSpec,
 };
 pub use ledger::{ComputeCredit, CreditFlag, EquivocationProof, LedgerEntry, ShardCredit};
 pub use round::{

@@ -238,6 +238,11 @@ pub enum RejectReason {
     /// It passed its checks, but the round merged nothing (no quorum, or the job was
     /// cancelled).
     NotMerged,
+    /// It passed its checks and the norm bound, but the job's Byzantine-robust filter
+    /// ([`crate::types::RobustAggregation`]) found it farthest from the round's other updates.
+    /// Not evidence of misbehaviour on its own (Multi-Krum refuses `f` updates in every round
+    /// it filters): the work still counts as verified for compute credit.
+    Outlier,
 }
 
 /// The coordinator's verdict on one update.

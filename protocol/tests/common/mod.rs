@@ -146,7 +146,7 @@ pub fn job() -> JobSpec {
         rounds: 3,
         quorum: Quorum {
             min_updates: 2,
-            max_workers: 4,
+            max_workers: 5,
         },
         deadlines: Deadlines {
             enroll_ms: 10_000,
@@ -162,6 +162,7 @@ pub fn job() -> JobSpec {
             segment_steps: 8,
             audit_ppm: 50_000,
             norm_bound_ppm: 3_000_000,
+            robust: RobustAggregation::MultiKrum { f: 1 },
         },
         created_at: Timestamp(1_764_000_000_005),
     }
@@ -443,6 +444,10 @@ impl Gen {
             patience: g.u32(),
             min_delta: g.f32(),
         });
+        j.verification.robust = match self.option(Self::u32) {
+            None => RobustAggregation::None,
+            Some(f) => RobustAggregation::MultiKrum { f },
+        };
         j
     }
 
@@ -466,7 +471,7 @@ impl Gen {
     }
 
     pub fn round_close(&mut self) -> RoundClose {
-        const REASONS: u64 = 9;
+        const REASONS: u64 = 11;
         RoundClose {
             job: JobId(self.hash()),
             round: self.u32(),
@@ -488,7 +493,9 @@ impl Gen {
                     5 => Some(RejectReason::Late),
                     6 => Some(RejectReason::Unavailable),
                     7 => Some(RejectReason::WrongShards),
-                    _ => Some(RejectReason::Equivocation),
+                    8 => Some(RejectReason::Equivocation),
+                    9 => Some(RejectReason::NotMerged),
+                    _ => Some(RejectReason::Outlier),
                 },
             }),
             merged_adapter: self.option(Self::hash),

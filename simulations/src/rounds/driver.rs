@@ -36,7 +36,8 @@ use cohort_protocol::signed::Signed;
 use cohort_protocol::types::{
     AdapterConfig, AdapterKind, Capacity, CreditFlag, DatanetId, DatanetRef, Deadlines,
     Hyperparameters, JobSpec, KernelClass, LrSchedule, MergeMethod, Quorum, RejectReason,
-    RoundOutcome, SegmentCommit, TargetModule, Timestamp, ValidationSpec, VerificationSpec,
+    RobustAggregation, RoundOutcome, SegmentCommit, TargetModule, Timestamp, ValidationSpec,
+    VerificationSpec,
 };
 use rand::Rng as _;
 
@@ -339,6 +340,7 @@ pub fn job_spec(c: &RunConfig) -> JobSpec {
             } else {
                 u32::MAX
             },
+            robust: RobustAggregation::None,
         },
         created_at: Timestamp(0),
     }
@@ -882,6 +884,7 @@ impl RoundSim {
                     commit,
                     audit,
                 } => self.verify(round, start, commit, audit),
+                CoordinatorAction::Distances { round, updates } => self.distances(round, &updates),
                 CoordinatorAction::Merge {
                     round,
                     start,
@@ -1000,6 +1003,40 @@ impl RoundSim {
         }
         self.timing(round).driver_cpu += started.elapsed();
         self.queue.push(done, Ev::ToCoord(reply(result)));
+    }
+
+    /// The robust filter's pairwise squared distances of the updates' products, dense on the
+    /// surrogate task (an update without a claim is not answered: the filter times out).
+    fn distances(
+        &mut self,
+        round: u32,
+        updates: &[cohort_protocol::rounds::coordinator::FilterInput],
+    ) {
+        let started = Instant::now();
+        let Some(dense) = updates
+            .iter()
+            .map(|u| Some(self.task.dense(&self.claims.get(&u.worker)?.update)))
+            .collect::<Option<Vec<Mat>>>()
+        else {
+            return;
+        };
+        let m = dense.len();
+        let mut dist = vec![0f64; m * m];
+        for i in 0..m {
+            for j in i + 1..m {
+                let d = dense[i].sub(&dense[j]).frob().powi(2);
+                dist[i * m + j] = d;
+                dist[j * m + i] = d;
+            }
+        }
+        self.timing(round).driver_cpu += started.elapsed();
+        let event = CoordinatorEvent::Distances {
+            round,
+            commits: updates.iter().map(|u| u.commit).collect(),
+            dist,
+        };
+        self.queue
+            .push(self.now + secs(1e-3 * m as f64), Ev::ToCoord(event));
     }
 
     fn merge(
