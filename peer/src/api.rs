@@ -231,6 +231,16 @@ fn summary(d: &DatanetRecord, me: PeerId) -> Value {
         "access": match &d.access { AccessPolicy::Public => "public", AccessPolicy::Allowlist { .. } => "allowlist" },
         "version": d.head.map_or(0, |h| h.version),
         "manifest": d.head.map(|h| h.manifest.to_string()),
+        "grantees": match &d.access {
+            AccessPolicy::Public => None,
+            AccessPolicy::Allowlist { grantees, .. } => {
+                Some(grantees.iter().map(|g| g.to_string()).collect::<Vec<_>>())
+            }
+        },
+        "key_epoch": match &d.access {
+            AccessPolicy::Public => None,
+            AccessPolicy::Allowlist { key_epoch, .. } => Some(*key_epoch),
+        },
     })
 }
 

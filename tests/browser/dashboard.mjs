@@ -149,6 +149,11 @@ try {
     const text = document.getElementById('datanets-list').textContent;
     return text.includes('velmora-atlas') && text.includes('velmora-archive');
   });
+  // The private one: who it is granted to (the job owner and both volunteers).
+  await page.click('#datanets-list button:has-text("velmora-archive")');
+  await page.waitForFunction(() => document.getElementById('datanet-detail').textContent.includes('Granted to'));
+  const grantees = await page.locator('#datanet-facts dd ul li').count();
+  check(grantees === 3, `velmora-archive is granted to 3 peers (${grantees} listed)`);
   await page.fill('#create-name', 'browser-notes');
   await page.click('#create-submit');
   await page.waitForSelector('#datanet-detail:not([hidden])');
