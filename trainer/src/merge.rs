@@ -312,17 +312,9 @@ pub fn multi_krum_scores(updates: &[&LowRank], f: usize) -> Result<Vec<f64>, Mer
             dist[j * m + i] = d;
         }
     }
-    let keep = m - f - 2;
-    Ok((0..m)
-        .map(|i| {
-            let mut row: Vec<f64> = (0..m)
-                .filter(|j| *j != i)
-                .map(|j| dist[i * m + j])
-                .collect();
-            row.sort_by(f64::total_cmp);
-            row[..keep].iter().sum()
-        })
-        .collect())
+    // The scoring is the coordinator's own (`m ≥ f + 3` was checked above).
+    cohort_protocol::rounds::multi_krum_scores(&dist, m, f)
+        .ok_or(MergeError::TooFewForKrum { m, f })
 }
 
 /// `[m, k]·[k, n]`, row-major.
