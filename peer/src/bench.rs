@@ -783,23 +783,13 @@ pub fn round(work: &Path, o: &RoundBench) -> anyhow::Result<()> {
         let t = Instant::now();
         let v = loop {
             let v = p.client.post("/api/ledger/verify", &json!({}))?;
-            let entries: u64 = v["chains"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|c| c["entries"].as_u64().unwrap_or(0))
-                .sum();
+            let entries: u64 = crate::procs::chains_sum(&v, "entries");
             if entries >= u64::from(o.rounds) || t.elapsed() > Duration::from_secs(120) {
                 break v;
             }
             std::thread::sleep(Duration::from_millis(500));
         };
-        let recomputed: u64 = v["chains"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|c| c["recomputed"].as_u64().unwrap_or(0))
-            .sum();
+        let recomputed: u64 = crate::procs::chains_sum(&v, "recomputed");
         println!(
             "| {} | {} | {recomputed} | {:.1} |",
             if i == 0 {

@@ -473,20 +473,10 @@ fn demo(o: &DemoOptions, dir: &Path) -> anyhow::Result<()> {
     print_credits(&ledger, &job, &names, &datanets);
     let verified = wait("the data owner to verify the ledger", minutes(30), || {
         let v = owner.api().post("/api/ledger/verify", &json!({}))?;
-        let entries: u64 = v["chains"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|c| c["entries"].as_u64().unwrap_or(0))
-            .sum();
+        let entries: u64 = crate::procs::chains_sum(&v, "entries");
         Ok((entries >= shown as u64).then_some(v))
     })?;
-    let recomputed: u64 = verified["chains"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|c| c["recomputed"].as_u64().unwrap_or(0))
-        .sum();
+    let recomputed: u64 = crate::procs::chains_sum(&verified, "recomputed");
     println!(
         "\nThe data owner verified the job owner's ledger: {} ({recomputed} rounds recomputed \
          from the published blobs).",

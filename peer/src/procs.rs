@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use cohort_peer::client::Client;
 use cohort_peer::data_dir::DataDir;
+use serde_json::Value;
 
 /// A running `cohort up`.
 pub struct Proc {
@@ -112,4 +113,15 @@ impl Drop for Proc {
         self.child.wait().ok();
         tracing::debug!("stopped node in {}", self.dir.display());
     }
+}
+
+/// The sum of `field` (e.g. `entries`, `recomputed`) over the chains of a `POST /api/ledger/verify`
+/// answer.
+pub fn chains_sum(verify: &Value, field: &str) -> u64 {
+    verify["chains"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| c[field].as_u64().unwrap_or(0))
+        .sum()
 }
