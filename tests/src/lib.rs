@@ -466,6 +466,8 @@ impl Demo {
             .expect("the demo starts");
         let (tx, rx) = std::sync::mpsc::channel();
         let stdout = child.stdout.take().expect("piped stdout");
+        // The demo's output goes on to the test's own, where a failing test shows it.
+        #[allow(clippy::print_stdout)]
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
