@@ -16,7 +16,9 @@
 //!
 //! Everything runs on the CPU backend (`Device::flex()`), where a run's bits depend only on the
 //! inputs, the gemm kernel class and the thread count ([`kernel_class`]); an audit reproduces a
-//! segment only on the same kernel class.
+//! segment only on the same kernel class. [`spot_check`] compares bit for bit there, and across
+//! kernel classes compares the replay with the worker's own end snapshot within a tolerance
+//! ([`Verifier`], [`crate::verify::state_distance`]).
 //!
 //! This module drives [`crate::train`] and [`crate::verify`]; it never changes how a run trains.
 //! [`train_update`] commits exactly as [`crate::verify::train_segmented`] does (the tests compare
@@ -46,7 +48,8 @@ use crate::model::{BaseWeights, Llama, LlamaConfig, Weights};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::train::{Boundary, Hooks, Schedule, TrainConfig, TrainError, masked_loss, run};
 use crate::verify::{
-    Segment, VerifyError, batch_leaf, merkle_root, replay_from, snapshot_path, state_hash,
+    SPOT_CHECK_TOLERANCE, SPOT_CHECK_TOLERANCE_FIRST, Segment, StateDistance, TrainState,
+    VerifyError, batch_leaf, merkle_root, replay_from, snapshot_path, state_distance, state_hash,
 };
 
 /// Shapley values are exact (all `2^n` coalitions) up to this many updates, GTG-Shapley
@@ -292,7 +295,7 @@ impl JobSetup {
     }
 
     /// The training configuration of a run with `seed`.
-    fn train_config(&self, seed: u64) -> TrainConfig {
+    pub fn train_config(&self, seed: u64) -> TrainConfig {
         TrainConfig {
             seed,
             ..self.train.clone()
@@ -470,15 +473,27 @@ struct Prepared {
     cfg: TrainConfig,
 }
 
+/// [`prepare_on`] flex, where workers train.
 fn prepare(
     setup: &JobSetup,
     start: Option<&Path>,
     records: &[String],
     seed: u64,
 ) -> Result<Prepared, FederatedError> {
+    prepare_on(setup, start, records, seed, &Device::flex())
+}
+
+/// The pieces of a run, the model on `device` (made an autodiff device here).
+fn prepare_on(
+    setup: &JobSetup,
+    start: Option<&Path>,
+    records: &[String],
+    seed: u64,
+    device: &Device,
+) -> Result<Prepared, FederatedError> {
     let base = Base::open(setup)?;
     let examples = base.examples(setup, records)?;
-    let mut model = base.model(setup, &Device::flex().autodiff())?;
+    let mut model = base.model(setup, &device.clone().autodiff())?;
     let spec = match start {
         Some(path) => {
             let w = load_start(setup, &base.config, path)?;
@@ -655,6 +670,211 @@ pub fn replay(
     Ok(Replay {
         start: r.start,
         segment: r.segment,
+    })
+}
+
+/// Where a spot check replays: a device, its kernel class, and the tolerance for segments
+/// trained on another kernel class.
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    /// The device the replay runs on (without autodiff; [`spot_check`] adds it).
+    pub device: Device,
+    /// Its kernel class: a worker of exactly this class is checked bit for bit.
+    pub kernel: KernelClass,
+    /// The largest [`StateDistance`] accepted from a worker of another class, for a segment
+    /// that starts from a snapshot.
+    pub tolerance: f64,
+    /// The same for a run's first segment (from step 0, a fresh optimizer): looser
+    /// ([`crate::verify::SPOT_CHECK_TOLERANCE_FIRST`]).
+    pub first_tolerance: f64,
+}
+
+impl Verifier {
+    /// This process on flex, where workers train: [`kernel_class`], the measured tolerances
+    /// ([`crate::verify::spot_check_tolerance`]).
+    pub fn local() -> Verifier {
+        Verifier {
+            device: Device::flex(),
+            kernel: kernel_class(),
+            tolerance: SPOT_CHECK_TOLERANCE,
+            first_tolerance: SPOT_CHECK_TOLERANCE_FIRST,
+        }
+    }
+
+    /// burn's ndarray backend (matrixmultiply's kernels): another CPU kernel class, for the
+    /// tolerance path's measurements and tests.
+    #[cfg(feature = "verify-ndarray")]
+    #[allow(deprecated)] // burn 0.22 deprecates ndarray; it is kept here as a second class
+    pub fn ndarray() -> Verifier {
+        Verifier {
+            device: Device::ndarray(),
+            kernel: KernelClass {
+                backend: "ndarray".into(),
+                kernel: "matrixmultiply".into(),
+                threads: u16::try_from(rayon::current_num_threads()).unwrap_or(u16::MAX),
+            },
+            tolerance: SPOT_CHECK_TOLERANCE,
+            first_tolerance: SPOT_CHECK_TOLERANCE_FIRST,
+        }
+    }
+
+    /// Whether a segment of a worker of class `worker` is checked bit for bit (the same kernel
+    /// class, thread count included) rather than within the tolerance (which needs the
+    /// worker's snapshot at the segment's end: [`Audit::end_snapshot`]).
+    pub fn exact_for(&self, worker: &KernelClass) -> bool {
+        *worker == self.kernel
+    }
+}
+
+/// One audited segment of a worker's run, as its commit states it, with the snapshots the
+/// worker gave for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Audit<'a> {
+    /// The committed segment: its end step, state hash and batch root.
+    pub segment: Segment,
+    /// The commitment the segment starts from: the previous segment's state (`None` for the
+    /// first segment, which starts from the run's own start, rebuilt from the start adapter
+    /// and the seed).
+    pub start_state: Option<ContentHash>,
+    /// The worker's snapshot at the segment's start (`None` for the first segment).
+    pub start_snapshot: Option<&'a Path>,
+    /// The worker's snapshot at the segment's end (the one whose hash is
+    /// `segment.state`): needed when the worker's kernel class is not the verifier's.
+    pub end_snapshot: Option<&'a Path>,
+    /// The kernel class the worker's commit reports.
+    pub worker: &'a KernelClass,
+}
+
+/// A segment that passed a spot check.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SpotPass {
+    /// The replay reproduced the committed state hash bit for bit.
+    Reproduced,
+    /// Another kernel class: the replay is this close to the worker's end state, within the
+    /// tolerance.
+    Within(StateDistance),
+}
+
+/// Why a segment failed a spot check: the worker's fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpotMismatch {
+    /// The start snapshot is not the state the previous commitment names.
+    #[error("the start snapshot is not the committed state")]
+    Start,
+    /// The replayed steps used other examples than the committed batch root names.
+    #[error("the replay used other batches than the commitment")]
+    Batches,
+    /// Same kernel class: the replay does not end on the committed state hash.
+    #[error("the replay does not reproduce the committed state")]
+    State,
+    /// The end snapshot is not the state the segment's commitment names.
+    #[error("the end snapshot is not the committed state")]
+    EndSnapshot,
+    /// Another kernel class: the replay is further from the worker's end state than the
+    /// tolerance.
+    #[error(
+        "the replay is {:.3e} from the worker's end state (at {}), over the tolerance {tolerance:.1e}",
+        distance.relative,
+        distance.worst
+    )]
+    Distance {
+        /// How far.
+        distance: StateDistance,
+        /// The tolerance it was held to.
+        tolerance: f64,
+    },
+    /// A snapshot of the worker's cannot be used (unreadable, or made with other settings or
+    /// data), or the replay from it failed.
+    #[error("replay: {0}")]
+    Replay(String),
+}
+
+/// Spot-checks one segment of a worker's run on `verifier`.
+///
+/// `setup`, `start`, `records` and `seed` are those of the run (as for [`replay`]). The segment
+/// is re-run from its start snapshot (checked against `audit.start_state`) on the verifier's
+/// device, and must use the committed batches. Then:
+///
+/// - when the worker's kernel class is the verifier's ([`Verifier::exact_for`]), the replay
+///   must end on the committed state hash, bit for bit;
+/// - otherwise the worker's end snapshot must hash to the committed state (so it is the state
+///   the worker committed to), and the replayed state must be within the verifier's tolerance
+///   of it by [`state_distance`] (`first_tolerance` for the run's first segment, from step 0;
+///   `tolerance` otherwise). A replay that happens to reproduce the hash passes too.
+///
+/// The outer error means this peer could not check (its base model, the start adapter, the
+/// records; or no end snapshot was given where one is needed): not the worker's fault. The
+/// inner one is the verdict on the segment.
+pub fn spot_check(
+    setup: &JobSetup,
+    start: Option<&Path>,
+    records: &[String],
+    seed: u64,
+    audit: &Audit<'_>,
+    verifier: &Verifier,
+) -> Result<Result<SpotPass, SpotMismatch>, FederatedError> {
+    let exact = verifier.exact_for(audit.worker);
+    let end_snapshot = match (exact, audit.end_snapshot) {
+        (true, _) => None,
+        (false, Some(end)) => Some(end),
+        (false, None) => {
+            return Err(FederatedError::BadSetting {
+                field: "end_snapshot",
+                reason: format!(
+                    "a worker of kernel class {:?} is checked on {:?} within a tolerance, \
+                     which needs its snapshot at the segment's end",
+                    audit.worker, verifier.kernel
+                ),
+            });
+        }
+    };
+    let p = prepare_on(setup, start, records, seed, &verifier.device)?;
+    let fresh = end_snapshot.map(|_| p.model.clone());
+    let seg = audit.segment;
+    let r = match replay_from(
+        p.model,
+        &p.examples,
+        &p.cfg,
+        p.base.pad,
+        audit.start_snapshot,
+        seg.end_step,
+    ) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(SpotMismatch::Replay(e.to_string()))),
+    };
+    if audit.start_state.is_some_and(|s| r.start != s) {
+        return Ok(Err(SpotMismatch::Start));
+    }
+    if r.segment.batches != seg.batches {
+        return Ok(Err(SpotMismatch::Batches));
+    }
+    if r.segment.state == seg.state {
+        return Ok(Ok(SpotPass::Reproduced));
+    }
+    let (Some(end), Some(model)) = (end_snapshot, fresh) else {
+        return Ok(Err(SpotMismatch::State));
+    };
+    let claimed = match TrainState::load(model, &p.examples, &p.cfg, end) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(SpotMismatch::Replay(format!("end snapshot: {e}")))),
+    };
+    if claimed.hash() != seg.state {
+        return Ok(Err(SpotMismatch::EndSnapshot));
+    }
+    let distance = state_distance(&r.state, &claimed);
+    let tolerance = if audit.start_snapshot.is_none() {
+        verifier.first_tolerance
+    } else {
+        verifier.tolerance
+    };
+    Ok(if distance.within(tolerance) {
+        Ok(SpotPass::Within(distance))
+    } else {
+        Err(SpotMismatch::Distance {
+            distance,
+            tolerance,
+        })
     })
 }
 

@@ -11,7 +11,13 @@
 //! compares the result with the committed [`Segment`] bit for bit.
 //!
 //! Bit-for-bit replay holds on one backend and kernel class with one thread count; the
-//! protocol's `KernelClass` records them. (On flex the thread count has not mattered so far:
+//! protocol's `KernelClass` records them. Across kernel classes (another SIMD level, another
+//! backend, a GPU) the replayed floats differ slightly, and comparing hashes would accuse honest
+//! workers; there the auditor also gets the worker's snapshot at the segment's END (authentic:
+//! its hash is the committed one), and compares its replay with it numerically
+//! ([`state_distance`]: the largest relative Frobenius error over the factors and the optimizer
+//! moments) under a tolerance ([`spot_check_tolerance`], set from measurements across kernel
+//! classes; BENCHMARKS.md, "Spot checks across kernel classes"). (On flex the thread count has not mattered so far:
 //! gemm splits a product's output, not its inner sum, and rayon's thread-dependent float sums only
 //! start at 4M elements; `tests/verify.rs` measures it.) The replay is [`crate::train`]'s own loop started from
 //! the snapshot (the path by which a checkpointed run resumes), not a second implementation.
@@ -24,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use burn::optim::ModuleOptimizer;
 use burn::store::burn_pack::{Reader, Scalar};
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, TensorData};
 use cohort_protocol::ContentHash;
 use cohort_protocol::hash::ContentHasher;
 use cohort_protocol::types::round::SegmentCommit;
@@ -34,6 +40,36 @@ use crate::data::Example;
 use crate::model::Llama;
 use crate::model::weights::Proj;
 use crate::train::{Boundary, Hooks, StepEvent, TrainConfig, TrainError, load_snapshot, run};
+
+/// The tolerance of a spot check across kernel classes, for a segment that starts from a
+/// snapshot (step > 0): a replay on other kernels passes when [`state_distance`] from the
+/// worker's end state is at most this (a relative error). See [`spot_check_tolerance`].
+///
+/// Set from measurement (BENCHMARKS.md, "Spot checks across kernel classes"): of 320 honest
+/// segments (4 steps each, not the first of their run) trained on flex (gemm, AVX-512) and
+/// replayed on burn's ndarray backend (matrixmultiply), the largest distance was 1.5e-5 (33x
+/// under this); a skipped optimizer step (>= 0.15), one changed example (>= 0.049) and noise of
+/// relative size 1e-3 or more on `B` were all refused; noise of 1e-4 passes.
+pub const SPOT_CHECK_TOLERANCE: f64 = 5e-4;
+
+/// [`SPOT_CHECK_TOLERANCE`] for a run's first segment (from step 0, a fresh optimizer). Looser:
+/// AdamW's first updates are `±lr` per element whatever the gradient's size
+/// (`m̂ / √v̂ = g / |g|`), so an element whose gradient is within rounding of zero can take the
+/// opposite sign on other kernels, a whole `2·lr` apart; with a history of steps behind it the
+/// update is damped and the kernels stay close. Measured: of 160 honest first segments the
+/// largest distance was 1.97e-2 (at learning rate 3e-2; 2.5x under this); a skipped step
+/// (>= 0.45) and a changed example (>= 0.38) were refused, noise up to 1e-2 on `B` is not.
+pub const SPOT_CHECK_TOLERANCE_FIRST: f64 = 5e-2;
+
+/// The tolerance for a segment across kernel classes: [`SPOT_CHECK_TOLERANCE_FIRST`] for a
+/// run's first segment, [`SPOT_CHECK_TOLERANCE`] otherwise.
+pub fn spot_check_tolerance(first_segment: bool) -> f64 {
+    if first_segment {
+        SPOT_CHECK_TOLERANCE_FIRST
+    } else {
+        SPOT_CHECK_TOLERANCE
+    }
+}
 
 /// The first bytes hashed by [`state_hash`]: names the layout and its version.
 pub const STATE_DOMAIN: &[u8] = b"cohort/train-state/v1";
@@ -94,6 +130,10 @@ pub struct Replayed {
     pub start: ContentHash,
     /// The recomputed commitment of the replayed steps.
     pub segment: Segment,
+    /// The state after the replayed steps (its [`TrainState::hash`] is `segment.state`): what
+    /// the tolerance path of a spot check compares with the worker's own end state
+    /// ([`state_distance`]).
+    pub state: TrainState,
 }
 
 /// What can go wrong while committing to or replaying a run.
@@ -204,13 +244,8 @@ fn put_u64(h: &mut ContentHasher, v: u64) {
     h.update(&v.to_le_bytes());
 }
 
-/// Appends an optimizer moment tensor (f32, `dims`) to `h`.
-fn put_moment(
-    h: &mut ContentHasher,
-    data: &TensorData,
-    dims: [usize; 2],
-    what: &str,
-) -> Result<(), VerifyError> {
+/// An optimizer moment tensor (f32, shaped `dims`) as values.
+fn moment_values(data: &TensorData, dims: [usize; 2], what: &str) -> Result<Vec<f32>, VerifyError> {
     if data.shape().as_slice() != dims {
         return Err(VerifyError::OptimizerState(format!(
             "{what} is {:?}, its parameter {dims:?}",
@@ -220,13 +255,187 @@ fn put_moment(
     let values = data.as_slice::<f32>().map_err(|e| {
         VerifyError::OptimizerState(format!("{what} is {:?}, not f32: {e:?}", data.dtype()))
     })?;
-    put_f32s(h, values);
-    Ok(())
+    Ok(values.to_vec())
+}
+
+/// AdamW's state of one adapter factor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamState {
+    /// The parameter's own time step `t`.
+    pub time: u64,
+    /// The first moment `m`, shaped like the parameter (row-major).
+    pub moment_1: Vec<f32>,
+    /// The second moment `v`.
+    pub moment_2: Vec<f32>,
+    /// AMSGrad's running maximum of `v` (`None` without AMSGrad).
+    pub max_moment_2: Option<Vec<f32>>,
+}
+
+/// One adapter factor (`A` or `B`) with its optimizer state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamState {
+    /// `[rows, cols]`: `[r, d_in]` for `A`, `[d_out, r]` for `B`.
+    pub dims: [usize; 2],
+    /// The values, row-major, as trained (the LoRA scaling not applied).
+    pub value: Vec<f32>,
+    /// AdamW's state (`None` before the parameter's first step).
+    pub adam: Option<AdamState>,
+}
+
+/// One adapted projection's factors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FactorState {
+    /// The block index.
+    pub layer: usize,
+    /// The projection.
+    pub proj: Proj,
+    /// `A`, `r x d_in`.
+    pub a: ParamState,
+    /// `B`, `d_out x r`.
+    pub b: ParamState,
+}
+
+/// The whole training state that determines the rest of a run (given the configuration and the
+/// data), as numbers: what [`state_hash`] hashes and [`state_distance`] compares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Every adapted projection, by block index and then in [`Proj::ALL`]'s order.
+    pub factors: Vec<FactorState>,
+}
+
+impl TrainState {
+    /// Reads the state out of a model (with adapters attached) and its optimizer after `step`
+    /// optimizer steps. Anything in the optimizer's record that the layout does not cover is an
+    /// error, so that no state escapes the hash.
+    pub fn capture(
+        step: usize,
+        model: &Llama,
+        optim: &ModuleOptimizer,
+    ) -> Result<TrainState, VerifyError> {
+        let mut moments = optimizer_moments(optim)?;
+        let mut factors = Vec::new();
+        for (layer, block) in model.layers().iter().enumerate() {
+            for p in Proj::ALL {
+                let Some(ad) = block.projection(p).adapter() else {
+                    continue;
+                };
+                let mut params = Vec::with_capacity(2);
+                for (which, param) in [('A', &ad.a), ('B', &ad.b)] {
+                    let t = param.val();
+                    let dims = t.dims();
+                    let data = t.into_data();
+                    let value = data
+                        .as_slice::<f32>()
+                        .map_err(|_| VerifyError::NotF32 {
+                            layer,
+                            proj: p.hf_name(),
+                            which,
+                            dtype: data.dtype(),
+                        })?
+                        .to_vec();
+                    let what =
+                        |field: &str| format!("layer {layer} {} {which}.{field}", p.hf_name());
+                    let adam = match moments.remove(&param.id.val()) {
+                        None => None,
+                        Some(m) => {
+                            let missing = |field: &str| {
+                                VerifyError::OptimizerState(format!("{} is missing", what(field)))
+                            };
+                            let time = m.time.ok_or_else(|| missing("time"))?;
+                            let m1 = m.moment_1.as_ref().ok_or_else(|| missing("moment_1"))?;
+                            let m2 = m.moment_2.as_ref().ok_or_else(|| missing("moment_2"))?;
+                            Some(AdamState {
+                                time,
+                                moment_1: moment_values(m1, dims, &what("moment_1"))?,
+                                moment_2: moment_values(m2, dims, &what("moment_2"))?,
+                                max_moment_2: m
+                                    .max_moment_2
+                                    .as_ref()
+                                    .map(|max| moment_values(max, dims, &what("max_moment_2")))
+                                    .transpose()?,
+                            })
+                        }
+                    };
+                    params.push(ParamState { dims, value, adam });
+                }
+                let (Some(b), Some(a)) = (params.pop(), params.pop()) else {
+                    continue;
+                };
+                factors.push(FactorState {
+                    layer,
+                    proj: p,
+                    a,
+                    b,
+                });
+            }
+        }
+        if let Some(id) = moments.keys().next() {
+            return Err(VerifyError::OptimizerState(format!(
+                "parameter {id:#x} has optimizer state but is not an adapter factor"
+            )));
+        }
+        Ok(TrainState { step, factors })
+    }
+
+    /// Loads a snapshot (the layout [`train_segmented`] writes) into `model` (the base with
+    /// adapters attached), checked against the run's `examples` and `cfg`, and reads its state.
+    /// Loading moves bits only: the result is the same on every backend.
+    pub fn load(
+        mut model: Llama,
+        examples: &[Example],
+        cfg: &TrainConfig,
+        snapshot: &Path,
+    ) -> Result<TrainState, VerifyError> {
+        let (optim, step) = load_snapshot(snapshot, cfg, examples, &mut model)?;
+        TrainState::capture(step, &model, &optim)
+    }
+
+    /// The state's [`state_hash`] (its documented byte layout).
+    pub fn hash(&self) -> ContentHash {
+        let mut h = ContentHasher::new();
+        h.update(STATE_DOMAIN);
+        put_u64(&mut h, self.step as u64);
+        put_u64(&mut h, self.factors.len() as u64);
+        for f in &self.factors {
+            let pi = Proj::ALL.iter().position(|q| *q == f.proj).unwrap_or(0);
+            let ([r, d_in], [d_out, _]) = (f.a.dims, f.b.dims);
+            for v in [f.layer, pi, r, d_in, d_out] {
+                put_u64(&mut h, v as u64);
+            }
+            put_f32s(&mut h, &f.a.value);
+            put_f32s(&mut h, &f.b.value);
+            for param in [&f.a, &f.b] {
+                match &param.adam {
+                    None => {
+                        h.update(&[0]);
+                    }
+                    Some(m) => {
+                        h.update(&[1]);
+                        put_u64(&mut h, m.time);
+                        put_f32s(&mut h, &m.moment_1);
+                        put_f32s(&mut h, &m.moment_2);
+                        match &m.max_moment_2 {
+                            None => {
+                                h.update(&[0]);
+                            }
+                            Some(max) => {
+                                h.update(&[1]);
+                                put_f32s(&mut h, max);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        h.finalize()
+    }
 }
 
 /// The BLAKE3 hash of the whole training state that determines the rest of a run, given the
 /// training configuration and the data: the step count, every adapter factor and AdamW's state
-/// for each factor.
+/// for each factor ([`TrainState::capture`], then [`TrainState::hash`]).
 ///
 /// The hashed bytes, in order (integers `u64` little-endian, floats `f32` little-endian,
 /// matrices row-major):
@@ -251,74 +460,145 @@ pub fn state_hash(
     model: &Llama,
     optim: &ModuleOptimizer,
 ) -> Result<ContentHash, VerifyError> {
-    let mut moments = optimizer_moments(optim)?;
-    let mut adapters = Vec::new();
-    for (layer, block) in model.layers().iter().enumerate() {
-        for (pi, p) in Proj::ALL.into_iter().enumerate() {
-            if let Some(ad) = block.projection(p).adapter() {
-                adapters.push((layer, pi, p, ad));
-            }
+    Ok(TrainState::capture(step, model, optim)?.hash())
+}
+
+/// How far one training state is from another: [`state_distance`]'s answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateDistance {
+    /// The largest relative error over the states' tensors; `+∞` when the states differ in
+    /// structure (step, projections, shapes, optimizer time steps) or hold a non-finite value.
+    pub relative: f64,
+    /// The tensor where it was reached (e.g. `layer 3 v_proj B.moment_2`), or what differs in
+    /// structure.
+    pub worst: String,
+    /// Tensors compared.
+    pub tensors: usize,
+}
+
+impl StateDistance {
+    /// The tolerance path's verdict: the states agree within `tau` (a relative error).
+    pub fn within(&self, tau: f64) -> bool {
+        self.relative <= tau
+    }
+
+    fn structural(what: String) -> StateDistance {
+        StateDistance {
+            relative: f64::INFINITY,
+            worst: what,
+            tensors: 0,
         }
     }
-    let mut h = ContentHasher::new();
-    h.update(STATE_DOMAIN);
-    put_u64(&mut h, step as u64);
-    put_u64(&mut h, adapters.len() as u64);
-    for (layer, pi, p, ad) in adapters {
-        let (a, b) = (ad.a.val(), ad.b.val());
-        let ([r, d_in], [d_out, _]) = (a.dims(), b.dims());
-        for v in [layer, pi, r, d_in, d_out] {
-            put_u64(&mut h, v as u64);
+}
+
+/// The relative Frobenius error of `x` against `y`, in f64:
+/// `‖x − y‖_F / max(‖x‖_F, ‖y‖_F)`, 0 when both are zero, `+∞` when a value is not finite.
+/// Symmetric, scale-free, at most 2.
+pub fn relative_error(x: &[f32], y: &[f32]) -> f64 {
+    let (mut diff, mut nx, mut ny) = (0f64, 0f64, 0f64);
+    for (a, b) in x.iter().zip(y) {
+        let (a, b) = (f64::from(*a), f64::from(*b));
+        diff += (a - b) * (a - b);
+        nx += a * a;
+        ny += b * b;
+    }
+    let norm = nx.max(ny).sqrt();
+    let e = if norm == 0.0 { 0.0 } else { diff.sqrt() / norm };
+    if e.is_finite() { e } else { f64::INFINITY }
+}
+
+/// The distance between two training states, for a spot check across kernel classes: a
+/// segment replayed on the verifier's kernels (`replayed`) against the worker's own state at
+/// the segment's end (`claimed`, authentic because its [`TrainState::hash`] is the committed
+/// one).
+///
+/// The states must have the same structure: the same step, the same adapted projections with
+/// the same shapes, AdamW state for the same factors with the same time steps (AMSGrad's
+/// maximum on both or neither); otherwise the distance is `+∞`. Then every tensor is compared
+/// by its [`relative_error`] (each factor's `A` and `B`, and each one's first and second moment
+/// and AMSGrad maximum), and the distance is the largest of them. Per tensor, so that a small
+/// tensor is not drowned by a large one (a forged `B` of one projection counts as much as all of
+/// them), and relative, so that one tolerance fits factors and moments of any scale.
+pub fn state_distance(replayed: &TrainState, claimed: &TrainState) -> StateDistance {
+    if replayed.step != claimed.step {
+        return StateDistance::structural(format!(
+            "step {} against {}",
+            replayed.step, claimed.step
+        ));
+    }
+    if replayed.factors.len() != claimed.factors.len() {
+        return StateDistance::structural(format!(
+            "{} adapted projections against {}",
+            replayed.factors.len(),
+            claimed.factors.len()
+        ));
+    }
+    let mut worst = StateDistance {
+        relative: 0.0,
+        worst: String::new(),
+        tensors: 0,
+    };
+    let mut compare = |name: String, x: &[f32], y: &[f32]| {
+        let e = relative_error(x, y);
+        worst.tensors += 1;
+        if e > worst.relative || worst.worst.is_empty() {
+            worst.relative = e;
+            worst.worst = name;
         }
-        let factors: [(char, Tensor<2>); 2] = [('A', a), ('B', b)];
-        let mut dims = Vec::with_capacity(2);
-        for (which, t) in factors {
-            dims.push(t.dims());
-            let data = t.into_data();
-            let values = data.as_slice::<f32>().map_err(|_| VerifyError::NotF32 {
-                layer,
-                proj: p.hf_name(),
-                which,
-                dtype: data.dtype(),
-            })?;
-            put_f32s(&mut h, values);
+    };
+    for (f, g) in replayed.factors.iter().zip(&claimed.factors) {
+        let name = format!("layer {} {}", f.layer, f.proj.hf_name());
+        if (f.layer, f.proj) != (g.layer, g.proj) {
+            return StateDistance::structural(format!(
+                "{name} against layer {} {}",
+                g.layer,
+                g.proj.hf_name()
+            ));
         }
-        for ((which, id), dims) in [('A', ad.a.id), ('B', ad.b.id)].into_iter().zip(dims) {
-            let what = |field: &str| format!("layer {layer} {} {which}.{field}", p.hf_name());
-            match moments.remove(&id.val()) {
-                None => {
-                    h.update(&[0]);
-                }
-                Some(m) => {
-                    let missing = |field: &str| {
-                        VerifyError::OptimizerState(format!("{} is missing", what(field)))
-                    };
-                    let time = m.time.ok_or_else(|| missing("time"))?;
-                    let m1 = m.moment_1.as_ref().ok_or_else(|| missing("moment_1"))?;
-                    let m2 = m.moment_2.as_ref().ok_or_else(|| missing("moment_2"))?;
-                    h.update(&[1]);
-                    put_u64(&mut h, time);
-                    put_moment(&mut h, m1, dims, &what("moment_1"))?;
-                    put_moment(&mut h, m2, dims, &what("moment_2"))?;
-                    match &m.max_moment_2 {
-                        None => {
-                            h.update(&[0]);
+        for (which, p, q) in [('A', &f.a, &g.a), ('B', &f.b, &g.b)] {
+            let name = format!("{name} {which}");
+            if p.dims != q.dims || p.value.len() != q.value.len() {
+                return StateDistance::structural(format!(
+                    "{name} is {:?} against {:?}",
+                    p.dims, q.dims
+                ));
+            }
+            compare(name.clone(), &p.value, &q.value);
+            match (&p.adam, &q.adam) {
+                (None, None) => {}
+                (Some(m), Some(n)) => {
+                    let same_len =
+                        |x: &[f32], y: &[f32]| x.len() == p.value.len() && y.len() == x.len();
+                    if m.time != n.time
+                        || m.max_moment_2.is_some() != n.max_moment_2.is_some()
+                        || !same_len(&m.moment_1, &n.moment_1)
+                        || !same_len(&m.moment_2, &n.moment_2)
+                    {
+                        return StateDistance::structural(format!(
+                            "{name}'s optimizer state differs in structure (time {} against {})",
+                            m.time, n.time
+                        ));
+                    }
+                    compare(format!("{name}.moment_1"), &m.moment_1, &n.moment_1);
+                    compare(format!("{name}.moment_2"), &m.moment_2, &n.moment_2);
+                    if let (Some(x), Some(y)) = (&m.max_moment_2, &n.max_moment_2) {
+                        if x.len() != y.len() {
+                            return StateDistance::structural(format!(
+                                "{name}.max_moment_2 differs in length"
+                            ));
                         }
-                        Some(max) => {
-                            h.update(&[1]);
-                            put_moment(&mut h, max, dims, &what("max_moment_2"))?;
-                        }
+                        compare(format!("{name}.max_moment_2"), x, y);
                     }
                 }
+                _ => {
+                    return StateDistance::structural(format!(
+                        "{name} has optimizer state on one side only"
+                    ));
+                }
             }
         }
     }
-    if let Some(id) = moments.keys().next() {
-        return Err(VerifyError::OptimizerState(format!(
-            "parameter {id:#x} has optimizer state but is not an adapter factor"
-        )));
-    }
-    Ok(h.finalize())
+    worst
 }
 
 /// A leaf of a segment's batch tree: BLAKE3 of the byte `0x00`, the optimizer step (1-based:
@@ -493,7 +773,7 @@ pub fn replay_from(
         ));
     }
     let mut start = None;
-    let mut end = None;
+    let mut end: Option<TrainState> = None;
     let mut total = 0;
     let mut leaves = Vec::new();
     let mut failed = None;
@@ -511,7 +791,7 @@ pub fn replay_from(
         } else {
             leaves.push(batch_leaf(b.step, b.batch));
             if b.step == end_step {
-                state_hash(b.step, b.model, b.optim).map(|h| end = Some(h))
+                TrainState::capture(b.step, b.model, b.optim).map(|s| end = Some(s))
             } else {
                 Ok(())
             }
@@ -543,9 +823,10 @@ pub fn replay_from(
         start,
         segment: Segment {
             end_step,
-            state,
+            state: state.hash(),
             batches: merkle_root(&leaves),
         },
+        state,
     })
 }
 
@@ -553,13 +834,12 @@ pub fn replay_from(
 /// checked against the run's `examples` and `cfg`: what an auditor compares with the commitment
 /// the snapshot claims to be.
 pub fn snapshot_hash(
-    mut model: Llama,
+    model: Llama,
     examples: &[Example],
     cfg: &TrainConfig,
     snapshot: &Path,
 ) -> Result<ContentHash, VerifyError> {
-    let (optim, step) = load_snapshot(snapshot, cfg, examples, &mut model)?;
-    state_hash(step, &model, &optim)
+    Ok(TrainState::load(model, examples, cfg, snapshot)?.hash())
 }
 
 #[cfg(test)]

@@ -976,6 +976,12 @@ async fn check(
             return Verification::Failed(RejectReason::Unavailable);
         }
     };
+    // A worker of this peer's kernel class is checked bit for bit; one of another class (other
+    // SIMD level, backend or thread count) within the trainer's tolerance, against its own
+    // snapshot at the segment's end.
+    let verifier = cohort_trainer::federated::Verifier::local();
+    let exact = verifier.exact_for(&c.kernel);
+    let kernel = Arc::new(c.kernel.clone());
     for &i in audit {
         let Some(seg) = c.segments.get(i as usize).copied() else {
             continue;
@@ -993,35 +999,67 @@ async fn check(
                 }
             },
         };
-        let (setup, s2, r2, seed) = (
+        let end = if exact {
+            None
+        } else {
+            match snapshot_dir(&ctx, round, worker, seg.state).await {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    tracing::info!("end snapshot of {} for segment {i}: {e}", worker.short());
+                    return Verification::Failed(RejectReason::Unavailable);
+                }
+            }
+        };
+        let (setup, s2, r2, seed, kernel, verifier) = (
             ctx.setup.clone(),
             start_dir.clone(),
             records.clone(),
             c.seed,
+            kernel.clone(),
+            verifier.clone(),
         );
-        let replayed = work::blocking(move || {
-            cohort_trainer::federated::replay(
+        let checked = work::blocking(move || {
+            let audit = cohort_trainer::federated::Audit {
+                segment: cohort_trainer::verify::Segment {
+                    end_step: seg.end_step as usize,
+                    state: seg.state,
+                    batches: seg.batches,
+                },
+                start_state: prev,
+                start_snapshot: snapshot.as_deref(),
+                end_snapshot: end.as_deref(),
+                worker: &kernel,
+            };
+            cohort_trainer::federated::spot_check(
                 &setup,
                 s2.as_deref(),
                 &r2,
                 seed,
-                snapshot.as_deref(),
-                seg.end_step,
+                &audit,
+                &verifier,
             )
             .map_err(|e| e.to_string())
         })
         .await;
-        match replayed {
+        match checked {
             // The snapshot must be the committed state (a re-run can absorb a changed last bit,
-            // so the start is checked too), and the re-run must end on the committed state
-            // having used the committed batches.
-            Ok(r)
-                if prev.is_none_or(|p| r.start == p)
-                    && r.segment.state == seg.state
-                    && r.segment.batches == seg.batches => {}
-            Ok(_) => {
+            // so the start is checked too), the re-run must have used the committed batches and
+            // end on the committed state: bit for bit, or within the tolerance of the worker's
+            // own (committed) end state.
+            Ok(Ok(cohort_trainer::federated::SpotPass::Reproduced)) => {}
+            Ok(Ok(cohort_trainer::federated::SpotPass::Within(d))) => {
+                tracing::debug!(
+                    "spot check: {}'s segment ending at step {} is {:.2e} from its end state \
+                     (at {})",
+                    worker.short(),
+                    seg.end_step,
+                    d.relative,
+                    d.worst
+                );
+            }
+            Ok(Err(mismatch)) => {
                 tracing::info!(
-                    "spot check: {}'s segment ending at step {} does not reproduce",
+                    "spot check: {}'s segment ending at step {} does not reproduce: {mismatch}",
                     worker.short(),
                     seg.end_step
                 );
@@ -1030,10 +1068,10 @@ async fn check(
                 });
             }
             Err(e) => {
-                tracing::info!("spot check of {}: {e}", worker.short());
-                return Verification::Failed(RejectReason::SpotCheckMismatch {
-                    end_step: seg.end_step,
-                });
+                // The checker itself failed (its base model, the start adapter, the records):
+                // not the worker's fault, but the update cannot be accepted unchecked.
+                tracing::error!("spot check of {}: {e}", worker.short());
+                return Verification::Failed(RejectReason::Unavailable);
             }
         }
     }

@@ -15,6 +15,10 @@
 //! is freed as soon as the product is done. `W` is frozen, so no gradient for it exists; the
 //! autodiff graph keeps only an `Arc` of the blocks.
 
+// burn 0.22 deprecates its ndarray backend; the `verify-ndarray` feature keeps it as a second
+// kernel class for spot checks (`crate::verify`), and the extension below routes to it.
+#![cfg_attr(feature = "verify-ndarray", allow(deprecated))]
+
 use std::sync::Arc;
 
 use burn::backend::TensorMetadata;
@@ -145,7 +149,7 @@ impl PackedWeight {
 /// The matrix products with a packed weight, as a backend operation (so that autodiff can be
 /// given its backward pass). Both have a default body for any backend: dequantize, multiply,
 /// drop the dequantized matrix.
-#[backend_extension(Flex, Autodiff)]
+#[backend_extension(Flex, NdArray: cfg(feature = "verify-ndarray"), Autodiff)]
 pub trait PackedLinear: Backend {
     /// `x·Wᵀ`: `x` `[n, cols]` to `[n, rows]`.
     fn packed_linear(x: FloatTensor<Self>, w: PackedWeight) -> FloatTensor<Self> {
@@ -161,6 +165,9 @@ pub trait PackedLinear: Backend {
 }
 
 impl PackedLinear for Flex {}
+
+#[cfg(feature = "verify-ndarray")]
+impl PackedLinear for burn::backend::NdArray {}
 
 /// Backward of `x·Wᵀ`: `∂x = ∂y·W`.
 #[derive(Debug)]
