@@ -39,6 +39,29 @@ fn small_scenario_runs_and_is_deterministic() {
     // Without defences nothing is caught and the job ends worse.
     assert!(undefended.rounds.iter().all(|r| r.adversary_rejected == 0));
     assert!(undefended.final_loss > defended.final_loss);
+    // Label-flipped shards trained honestly pass every spot check; Multi-Krum (f = 2) refuses
+    // the two poisoned updates of each round, and only them, and the job ends better for it.
+    let krum = &a.runs[2];
+    let no_krum = &a.runs[3];
+    assert_eq!(krum.finished.as_deref(), Some("merged"));
+    for r in &krum.rounds {
+        assert_eq!(r.outcome, "merged");
+        assert_eq!(r.rejected_spot + r.rejected_norm, 0, "round {}", r.round);
+        assert_eq!(r.rejected_outlier, 2, "round {}", r.round);
+        assert_eq!(r.adversary_commits, 2, "round {}", r.round);
+        assert_eq!(r.adversary_rejected, 2, "round {}", r.round);
+        assert_eq!(r.honest_outliers, r.honest_rejected);
+    }
+    assert!(no_krum.rounds.iter().all(|r| r.adversary_rejected == 0));
+    assert!(
+        no_krum
+            .rounds
+            .iter()
+            .map(|r| r.adversary_commits)
+            .sum::<usize>()
+            >= 5
+    );
+    assert!(krum.final_loss < no_krum.final_loss);
     // The closed-form Shapley values agree with the protocol's exact ones.
     assert!(a.shapley.iter().all(|s| s.closed_form_gap < 1e-9));
     // A different seed gives a different run.

@@ -43,8 +43,13 @@ pub enum AdversaryKind {
     MadeUp,
     /// Sends another worker's update as its own (with that worker's segment commitments).
     Copy,
-    /// Each adversary draws one of the three.
+    /// Each adversary draws one of poison, made-up and copy.
     Mixed,
+    /// Data poisoning with honest compute: the shards the adversary contributed hold
+    /// label-flipped rows (they ask for `-T`, like a harmful shard), and it trains honestly on
+    /// whatever it is assigned. An update trained on such a shard, by anyone, passes every spot
+    /// check and is counted as poisoned.
+    Flip,
 }
 
 /// How the driver computes the Shapley values it reports with the merge.
@@ -142,9 +147,13 @@ pub struct RunConfig {
 
     /// Spot-check rate per segment (0..1).
     pub audit_rate: f64,
-    /// Norm bound as a multiple of the round's median delta norm.
+    /// Norm bound as a multiple of the round's median delta norm (0: no norm bound).
     pub norm_bound: f64,
-    /// `false`: no spot checks and no norm bound (to measure the damage they prevent).
+    /// Multi-Krum's Byzantine budget `f` per round (the job's `verification.robust`): the
+    /// coordinator refuses the `f` updates farthest from the others as outliers (0: no filter).
+    pub multi_krum_f: u32,
+    /// `false`: no spot checks, no norm bound and no Multi-Krum filter (to measure the damage
+    /// they prevent).
     pub defences: bool,
     /// How updates are merged.
     pub merge: MergeMode,
@@ -206,6 +215,7 @@ impl Default for RunConfig {
             replay_slots: 8,
             audit_rate: 0.1,
             norm_bound: 4.0,
+            multi_krum_f: 0,
             defences: true,
             merge: MergeMode::Exact,
             attribution: AttributionMode::Exact,
@@ -220,7 +230,7 @@ impl Default for RunConfig {
 }
 
 /// Extra analyses a scenario asks for besides its runs.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Analyses {
     /// Small attribution cases: for each player count, exact Shapley (the protocol's
@@ -232,6 +242,20 @@ pub struct Analyses {
     pub shapley_seeds: u64,
     /// Columns of the runs table to draw as bar charts (one SVG each).
     pub charts: Vec<String>,
+    /// Whether to write `shards.csv` (per shard and round; large for many runs).
+    pub shards_csv: bool,
+}
+
+impl Default for Analyses {
+    fn default() -> Self {
+        Self {
+            shapley_players: Vec::new(),
+            gtg_permutations: Vec::new(),
+            shapley_seeds: 0,
+            charts: Vec::new(),
+            shards_csv: true,
+        }
+    }
 }
 
 /// A scenario file, parsed.
@@ -362,8 +386,11 @@ impl RunConfig {
         if self.duplicate_fraction + self.noisy_fraction + self.harmful_fraction > 1.0 {
             return Err(bad("*_fraction", "shard kinds add up to more than 1"));
         }
-        if self.norm_bound < 1.0 {
-            return Err(bad("norm_bound", "below 1 rejects honest updates"));
+        if self.norm_bound != 0.0 && (self.norm_bound.is_nan() || self.norm_bound < 1.0) {
+            return Err(bad(
+                "norm_bound",
+                "0 (off) or at least 1 (below 1 rejects honest updates)",
+            ));
         }
         for (field, x) in [
             ("enroll_s", self.enroll_s),
@@ -417,5 +444,30 @@ mod tests {
         assert!(err.to_string().contains("volunters"), "{err}");
         let err = Scenario::parse("[[runs]]\nchurn = 2.0\n").unwrap_err();
         assert!(err.to_string().contains("churn"), "{err}");
+    }
+
+    #[test]
+    fn defences_map_onto_the_job_spec() {
+        use crate::rounds::driver::job_spec;
+        use cohort_protocol::types::RobustAggregation;
+        let s = Scenario::parse(
+            "[base]\nvolunteers = 20\n[[runs]]\nmulti_krum_f = 3\n[[runs]]\nnorm_bound = 0.0\n\
+             [[runs]]\nmulti_krum_f = 3\ndefences = false\n[[runs]]\nadversary = \"flip\"\n",
+        )
+        .expect("parses");
+        let specs: Vec<_> = s.runs.iter().map(job_spec).collect();
+        assert_eq!(
+            specs[0].verification.robust,
+            RobustAggregation::MultiKrum { f: 3 }
+        );
+        assert_eq!(specs[0].verification.norm_bound_ppm, 4_000_000);
+        assert_eq!(specs[1].verification.robust, RobustAggregation::None);
+        assert_eq!(specs[1].verification.norm_bound_ppm, u32::MAX);
+        assert!(specs[1].verification.audit_ppm > 0);
+        assert_eq!(specs[2].verification.robust, RobustAggregation::None);
+        assert_eq!(specs[2].verification.audit_ppm, 0);
+        assert_eq!(s.runs[3].adversary, AdversaryKind::Flip);
+        let err = Scenario::parse("[base]\nnorm_bound = 0.5\n").unwrap_err();
+        assert!(err.to_string().contains("norm_bound"), "{err}");
     }
 }

@@ -4,8 +4,9 @@
 //! What the driver owns (and the machines must not): time, the network, the volunteers'
 //! behaviour (honest, leaving, adversarial), training, and the coordinator's heavy work:
 //! [`CoordinatorAction::Verify`] (fetch the update blob over the coordinator's downlink, check
-//! it, replay the audited segments on the coordinator's CPU) and [`CoordinatorAction::Merge`]
-//! (merge, evaluate, Shapley values). All of it is computed for real on the surrogate task
+//! it, replay the audited segments on the coordinator's CPU), [`CoordinatorAction::Distances`]
+//! (the updates' pairwise squared distances, for the Multi-Krum filter) and
+//! [`CoordinatorAction::Merge`] (merge, evaluate, Shapley values). All of it is computed for real on the surrogate task
 //! ([`super::surrogate`]), so a spot check catches a faked segment only if the machine's audit
 //! choice lands on it.
 //!
@@ -125,14 +126,19 @@ pub struct RoundRow {
     pub rejected_spot: usize,
     /// Rejected by the norm bound.
     pub rejected_norm: usize,
+    /// Refused by the Multi-Krum filter as an outlier.
+    pub rejected_outlier: usize,
     /// Rejected for any other reason.
     pub rejected_other: usize,
-    /// Adversaries' commits.
+    /// Poisoned commits: from a cheating adversary (poison, made-up, copy), or trained on a
+    /// flip adversary's label-flipped shard (by anyone).
     pub adversary_commits: usize,
-    /// Adversaries' commits rejected.
+    /// Poisoned commits rejected by a spot check, the norm bound or the filter.
     pub adversary_rejected: usize,
-    /// Honest commits rejected by a spot check or the norm bound (false positives).
+    /// Other commits rejected by a spot check, the norm bound or the filter (false positives).
     pub honest_rejected: usize,
+    /// The part of `honest_rejected` that the filter refused as outliers.
+    pub honest_outliers: usize,
     /// Assigned workers that left before committing.
     pub left: usize,
     /// Assigned shards whose update was not merged, as a fraction.
@@ -158,8 +164,12 @@ pub struct RoundRow {
 pub struct RoundTiming {
     /// Time inside `Coordinator::handle`.
     pub coordinator_cpu: Duration,
-    /// Time inside the driver's verification (replays) and merge (evaluation, Shapley).
+    /// Time inside the driver's verification (replays), distances and merge (evaluation,
+    /// Shapley).
     pub driver_cpu: Duration,
+    /// Time inside the volunteers' `Worker::handle` (verifying and decoding the published
+    /// messages, signing joins and commits), attributed to the worker's round.
+    pub worker_cpu: Duration,
 }
 
 /// One shard's attribution in one merged round.
@@ -216,6 +226,9 @@ pub struct RunReport {
     pub setup_wall: Duration,
     /// Wall-clock time of the event loop.
     pub run_wall: Duration,
+    /// The process's peak resident set so far (`VmHWM`, Linux), bytes: with several runs in
+    /// one process, the largest of this run and those before it.
+    pub peak_rss: Option<u64>,
 }
 
 /// The simulation of one job.
@@ -233,6 +246,10 @@ pub struct RoundSim {
     shard_index: BTreeMap<ContentHash, usize>,
     adapters: BTreeMap<ContentHash, Adapter>,
     claims: BTreeMap<PeerId, Claim>,
+    /// Per shard index: label-flipped by a flip adversary.
+    poisoned: Vec<bool>,
+    /// The current round's assignment, decoded once when it is published.
+    assignment: Option<Arc<cohort_protocol::types::Assignment>>,
     received: Vec<u64>,
     down_busy: SimTime,
     replay_slots: Vec<SimTime>,
@@ -335,12 +352,16 @@ pub fn job_spec(c: &RunConfig) -> JobSpec {
             } else {
                 0
             },
-            norm_bound_ppm: if c.defences {
+            norm_bound_ppm: if c.defences && c.norm_bound > 0.0 {
                 (c.norm_bound * 1e6).min(f64::from(u32::MAX)) as u32
             } else {
                 u32::MAX
             },
-            robust: RobustAggregation::None,
+            robust: if c.defences && c.multi_krum_f > 0 {
+                RobustAggregation::MultiKrum { f: c.multi_krum_f }
+            } else {
+                RobustAggregation::None
+            },
         },
         created_at: Timestamp(0),
     }
@@ -374,7 +395,7 @@ impl RoundSim {
         let started = Instant::now();
         let c = &config;
         let spec = job_spec(c);
-        let task = Task::new(c, f64::from(spec.scaling()));
+        let mut task = Task::new(c, f64::from(spec.scaling()));
         let owner = key_for(c.seed, u64::MAX);
         let signed = Signed::sign(&owner, &spec);
 
@@ -403,6 +424,13 @@ impl RoundSim {
         for &i in order.iter().skip(adversaries).take(leavers) {
             leaves[i] = true;
         }
+        // Flip adversaries' shards (shard j is contributed by volunteer j mod n) hold
+        // label-flipped rows.
+        let poisoned: Vec<bool> = (0..c.shard_count())
+            .map(|j| roles[j % n] == Role::Adversary(AdversaryKind::Flip))
+            .collect();
+        let flipped: Vec<usize> = (0..poisoned.len()).filter(|&j| poisoned[j]).collect();
+        task.flip(&flipped);
         let capacity = Capacity {
             kernel: kernel(),
             cores: 4,
@@ -497,6 +525,8 @@ impl RoundSim {
             shard_index,
             adapters: BTreeMap::new(),
             claims: BTreeMap::new(),
+            poisoned,
+            assignment: None,
             received: vec![0; n + 1],
             down_busy: SimTime::ZERO,
             publishes: 0,
@@ -665,7 +695,10 @@ impl RoundSim {
         }
         let now = self.ts();
         let v = &mut self.vols[i];
+        let round = v.machine.round().unwrap_or(0);
+        let started = Instant::now();
         let actions = v.machine.handle(now, ev, &v.key);
+        self.timing(round).worker_cpu += started.elapsed();
         for a in actions {
             match a {
                 WorkerAction::SendJoin(m) => {
@@ -735,7 +768,7 @@ impl RoundSim {
         let role = self.vols[i].role;
         let m0 = self.task.dense(&start);
         let (update, states, segments, took) = match role {
-            Role::Honest => {
+            Role::Honest | Role::Adversary(AdversaryKind::Flip) => {
                 let states: Vec<Adapter> = honest.segments.iter().map(|s| s.1.clone()).collect();
                 let segs = commits(&honest.segments);
                 (honest.adapter.clone(), states, segs, took)
@@ -743,11 +776,14 @@ impl RoundSim {
             Role::Adversary(AdversaryKind::Copy) => {
                 // The next assigned worker's update, with its commitments.
                 let victim = self
-                    .coord
-                    .current_assignment()
-                    .and_then(|a| a.verify().ok())
+                    .assignment
+                    .as_ref()
+                    .filter(|a| a.round == round)
                     .and_then(|a| {
-                        let pos = a.work.iter().position(|w| w.worker == work.worker)?;
+                        let pos = a
+                            .work
+                            .binary_search_by(|w| w.worker.cmp(&work.worker))
+                            .ok()?;
                         let next = a.work.get((pos + 1) % a.work.len())?.clone();
                         Some(next)
                     })
@@ -868,6 +904,7 @@ impl RoundSim {
                                 let row = self.row(a.round);
                                 row.assigned = a.work.len();
                                 row.enrolled = enrolled;
+                                self.assignment = Some(Arc::new(a));
                             }
                         }
                         Published::Close(_) => {}
@@ -1175,37 +1212,59 @@ impl RoundSim {
         let mut rows_shards = Vec::new();
         let mut assigned_shards = 0usize;
         let mut merged_shards = 0usize;
-        let (mut spot, mut norm, mut other) = (0, 0, 0);
-        let (mut adv, mut adv_rej, mut honest_rej) = (0, 0, 0);
+        let (mut spot, mut norm, mut outlier, mut other) = (0, 0, 0, 0);
+        let (mut adv, mut adv_rej, mut honest_rej, mut honest_out) = (0, 0, 0, 0);
         let mut merged = 0;
+        // The shards each worker was assigned (the work is sorted by worker).
+        let shards_of = |w: &PeerId| -> &[ContentHash] {
+            assignment
+                .and_then(|a| {
+                    let k = a.work.binary_search_by(|x| x.worker.cmp(w)).ok()?;
+                    Some(a.work[k].shards.as_slice())
+                })
+                .unwrap_or(&[])
+        };
         for v in &c.verdicts {
             let role = self.claims.get(&v.worker).map(|c| c.role);
-            let is_adv = matches!(role, Some(Role::Adversary(_)));
+            let cheat = matches!(role, Some(Role::Adversary(k)) if k != AdversaryKind::Flip);
+            let flipped = shards_of(&v.worker)
+                .iter()
+                .any(|h| self.shard_index.get(h).is_some_and(|&j| self.poisoned[j]));
+            let is_adv = cheat || flipped;
             adv += usize::from(is_adv);
             match &v.rejected {
                 None => merged += 1,
                 Some(RejectReason::SpotCheckMismatch { .. }) => spot += 1,
                 Some(RejectReason::NormBound) => norm += 1,
+                Some(RejectReason::Outlier) => outlier += 1,
                 Some(_) => other += 1,
             }
             let caught = matches!(
                 v.rejected,
-                Some(RejectReason::SpotCheckMismatch { .. } | RejectReason::NormBound)
+                Some(
+                    RejectReason::SpotCheckMismatch { .. }
+                        | RejectReason::NormBound
+                        | RejectReason::Outlier
+                )
             );
             if is_adv && caught {
                 adv_rej += 1;
             }
             if !is_adv && caught {
                 honest_rej += 1;
+                honest_out += usize::from(v.rejected == Some(RejectReason::Outlier));
             }
         }
+        // Verdicts are sorted by worker.
+        let merged_ok = |w: &PeerId| {
+            c.verdicts
+                .binary_search_by(|v| v.worker.cmp(w))
+                .is_ok_and(|k| c.verdicts[k].rejected.is_none())
+        };
         if let Some(a) = assignment {
             for w in &a.work {
                 assigned_shards += w.shards.len();
-                let ok = c
-                    .verdicts
-                    .iter()
-                    .any(|v| v.worker == w.worker && v.rejected.is_none());
+                let ok = merged_ok(&w.worker);
                 if ok {
                     merged_shards += w.shards.len();
                 }
@@ -1256,10 +1315,12 @@ impl RoundSim {
         row.merged = merged;
         row.rejected_spot = spot;
         row.rejected_norm = norm;
+        row.rejected_outlier = outlier;
         row.rejected_other = other;
         row.adversary_commits = adv;
         row.adversary_rejected = adv_rej;
         row.honest_rejected = honest_rej;
+        row.honest_outliers = honest_out;
         row.lost_work = if assigned_shards == 0 {
             0.0
         } else {
@@ -1313,8 +1374,23 @@ impl RoundSim {
             refusals: self.refusals,
             setup_wall: self.setup_wall,
             run_wall,
+            peak_rss: peak_rss(),
         }
     }
+}
+
+/// The process's peak resident set (`VmHWM` in `/proc/self/status`), bytes; `None` off Linux.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// A keypair derived from the run's seed (`index` `u64::MAX` is the job owner).

@@ -5,7 +5,7 @@
 //!   losses, spot checks and Shapley values exact and cheap.
 //! - [`driver`]: one job, one [`cohort_protocol::rounds::coordinator::Coordinator`] and one
 //!   [`cohort_protocol::rounds::worker::Worker`] per volunteer, churn and adversaries; the
-//!   driver answers `Verify` and `Merge` itself.
+//!   driver answers `Verify`, `Distances` (for the Multi-Krum filter) and `Merge` itself.
 //! - [`report`]: the summary, CSV files and SVG charts of a scenario.
 //! - [`linalg`]: the small dense matrices it all needs.
 //!

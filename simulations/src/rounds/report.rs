@@ -41,6 +41,8 @@ pub struct ScenarioReport {
     pub shapley: Vec<ShapleyRow>,
     /// Columns of the runs table to chart.
     pub charts: Vec<String>,
+    /// Whether [`ScenarioReport::write`] writes `shards.csv`.
+    pub write_shards: bool,
 }
 
 /// Runs every run of `scenario` and its analyses.
@@ -63,6 +65,7 @@ pub fn run_scenario(scenario: &Scenario) -> Result<ScenarioReport, RunError> {
         runs,
         shapley,
         charts: a.charts.clone(),
+        write_shards: a.shards_csv,
     })
 }
 
@@ -150,6 +153,8 @@ fn mean(xs: impl Iterator<Item = f64>) -> f64 {
 pub const TIMING_COLUMNS: &[&str] = &[
     "coordinator_cpu_ms_round",
     "driver_cpu_ms_round",
+    "worker_cpu_ms_round",
+    "peak_rss_mib",
     "setup_s",
     "wall_s",
     "events_per_s",
@@ -235,6 +240,8 @@ fn run_cells(r: &RunReport) -> Vec<(&'static str, Cell)> {
         ("faked_segments", Cell::Text(faked)),
         ("defences", Cell::Text(c.defences.to_string())),
         ("audit_rate", Cell::Num(c.audit_rate)),
+        ("norm_bound", Cell::Num(c.norm_bound)),
+        ("multi_krum_f", Cell::Num(f64::from(c.multi_krum_f))),
         ("merge", Cell::Text(format!("{:?}", c.merge).to_lowercase())),
         (
             "attribution",
@@ -274,6 +281,10 @@ fn run_cells(r: &RunReport) -> Vec<(&'static str, Cell)> {
             Cell::Num(per_round_ms(&|t| t.driver_cpu)),
         ),
         (
+            "worker_cpu_ms_round",
+            Cell::Num(per_round_ms(&|t| t.worker_cpu)),
+        ),
+        (
             "state_bytes",
             Cell::Num(closed.iter().map(|x| x.state_bytes).max().unwrap_or(0) as f64),
         ),
@@ -309,6 +320,14 @@ fn run_cells(r: &RunReport) -> Vec<(&'static str, Cell)> {
         ("rejected_spot", Cell::Num(sum(&|x| x.rejected_spot) as f64)),
         ("rejected_norm", Cell::Num(sum(&|x| x.rejected_norm) as f64)),
         (
+            "rejected_outlier",
+            Cell::Num(sum(&|x| x.rejected_outlier) as f64),
+        ),
+        (
+            "honest_outliers",
+            Cell::Num(sum(&|x| x.honest_outliers) as f64),
+        ),
+        (
             "rejected_other",
             Cell::Num(sum(&|x| x.rejected_other) as f64),
         ),
@@ -339,6 +358,13 @@ fn run_cells(r: &RunReport) -> Vec<(&'static str, Cell)> {
         ("virtual_s", Cell::Num(r.end_s)),
         ("setup_s", Cell::Num(r.setup_wall.as_secs_f64())),
         ("wall_s", Cell::Num(r.run_wall.as_secs_f64())),
+        (
+            "peak_rss_mib",
+            Cell::Num(
+                r.peak_rss
+                    .map_or(f64::NAN, |b| (b as f64 / 1048576.0 * 10.0).round() / 10.0),
+            ),
+        ),
         (
             "events_per_s",
             Cell::Num((r.events as f64 / r.run_wall.as_secs_f64().max(1e-9)).round()),
@@ -385,12 +411,12 @@ impl ScenarioReport {
     pub fn rounds_csv(&self, with_timings: bool) -> String {
         let mut out = String::from(
             "label,round,outcome,opened_s,closed_s,enrolled,assigned,committed,merged,\
-             rejected_spot,rejected_norm,rejected_other,adversary_commits,adversary_rejected,\
-             honest_rejected,left,lost_work,loss_before,loss_after,merge_error,\
+             rejected_spot,rejected_norm,rejected_outlier,rejected_other,adversary_commits,\
+             adversary_rejected,honest_rejected,honest_outliers,left,lost_work,loss_before,loss_after,merge_error,\
              truncation_error,state_bytes,shapley_sum,attribution_evaluations",
         );
         if with_timings {
-            out += ",coordinator_cpu_ms,driver_cpu_ms";
+            out += ",coordinator_cpu_ms,driver_cpu_ms,worker_cpu_ms";
         }
         out.push('\n');
         for r in &self.runs {
@@ -407,10 +433,12 @@ impl ScenarioReport {
                     x.merged.to_string(),
                     x.rejected_spot.to_string(),
                     x.rejected_norm.to_string(),
+                    x.rejected_outlier.to_string(),
                     x.rejected_other.to_string(),
                     x.adversary_commits.to_string(),
                     x.adversary_rejected.to_string(),
                     x.honest_rejected.to_string(),
+                    x.honest_outliers.to_string(),
                     x.left.to_string(),
                     format!("{:.6}", x.lost_work),
                     format!("{:.8}", x.loss_before),
@@ -424,6 +452,7 @@ impl ScenarioReport {
                 if with_timings {
                     cells.push(format!("{:.3}", t.coordinator_cpu.as_secs_f64() * 1e3));
                     cells.push(format!("{:.3}", t.driver_cpu.as_secs_f64() * 1e3));
+                    cells.push(format!("{:.3}", t.worker_cpu.as_secs_f64() * 1e3));
                 }
                 out += &csv_line(cells);
             }
@@ -485,6 +514,7 @@ impl ScenarioReport {
             "lost_work",
             "detection_rate",
             "false_positive_rate",
+            "honest_outliers",
             "merge_error",
             "events_per_s",
             "wall_s",
@@ -582,8 +612,9 @@ impl ScenarioReport {
         s
     }
 
-    /// Writes `runs.csv`, `rounds.csv`, `shards.csv`, `shapley.csv` (when there are cases),
-    /// `summary.txt` and the charts into `dir`; returns the files written.
+    /// Writes `runs.csv`, `rounds.csv`, `shards.csv` (unless turned off), `shapley.csv` (when
+    /// there are cases), `summary.txt` and the charts into `dir`, and removes a `shards.csv` or
+    /// `shapley.csv` an earlier run left there; returns the files written.
     pub fn write(&self, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         std::fs::create_dir_all(dir)?;
         let mut files = Vec::new();
@@ -595,11 +626,15 @@ impl ScenarioReport {
         };
         put("runs.csv", self.runs_csv(true))?;
         put("rounds.csv", self.rounds_csv(true))?;
-        if self.runs.iter().any(|r| !r.shards.is_empty()) {
+        if self.write_shards && self.runs.iter().any(|r| !r.shards.is_empty()) {
             put("shards.csv", self.shards_csv())?;
+        } else {
+            remove_stale(&dir.join("shards.csv"))?;
         }
         if !self.shapley.is_empty() {
             put("shapley.csv", self.shapley_csv())?;
+        } else {
+            remove_stale(&dir.join("shapley.csv"))?;
         }
         put("summary.txt", self.summary())?;
         let labels: Vec<String> = self.runs.iter().map(|r| r.config.label.clone()).collect();
@@ -709,6 +744,14 @@ impl ScenarioReport {
             }
         }
         Ok(files)
+    }
+}
+
+/// Removes an output file an earlier run of the scenario left that this one does not write.
+fn remove_stale(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 

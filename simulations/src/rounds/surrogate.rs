@@ -236,6 +236,15 @@ impl Task {
         }
     }
 
+    /// Makes `shards` label-flipped (harmful: they ask for `-T`): a data poisoner's shards.
+    pub fn flip(&mut self, shards: &[usize]) {
+        for &j in shards {
+            if let Some(k) = self.kinds.get_mut(j) {
+                *k = ShardKind::Harmful;
+            }
+        }
+    }
+
     /// The shards' kinds.
     pub fn kinds(&self) -> &[ShardKind] {
         &self.kinds
