@@ -193,6 +193,35 @@ fn signing_input(domain: &str, version: u16, signer: &PeerId, payload: &[u8]) ->
     })
 }
 
+/// A signed message with its payload, verified once ([`Signed::verify`]): many state machines in
+/// one process (the simulator's thousands of workers) can share it behind an `Arc` instead of
+/// each checking the signature and decoding the payload again.
+#[derive(Debug)]
+pub struct Verified<T> {
+    signed: Signed<T>,
+    payload: T,
+}
+
+impl<T: SignedPayload> Verified<T> {
+    /// Verifies `signed` (domain, version, signature, payload).
+    pub fn new(signed: Signed<T>) -> Result<Self, VerifyError> {
+        let payload = signed.verify()?;
+        Ok(Self { signed, payload })
+    }
+}
+
+impl<T> Verified<T> {
+    /// The signed message.
+    pub fn signed(&self) -> &Signed<T> {
+        &self.signed
+    }
+
+    /// Its verified payload.
+    pub fn payload(&self) -> &T {
+        &self.payload
+    }
+}
+
 impl<T> Signed<T> {
     /// Who claims to have signed this (verified only by `verify`).
     pub fn signer(&self) -> PeerId {

@@ -5,12 +5,13 @@
 //! merging whose results are fixed per worker behaviour.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::coordinator::*;
 use super::worker::*;
 use super::*;
 use crate::identity::Keypair;
-use crate::signed::Signed;
+use crate::signed::{Signed, Verified};
 use crate::types::*;
 
 const LATENCY: u64 = 20;
@@ -53,6 +54,8 @@ struct Net {
     /// Distance requests seen, and whether the driver loses them instead of answering.
     distance_requests: Vec<(Timestamp, Vec<FilterInput>)>,
     drop_distances: bool,
+    /// Deliver assignments and closes verified once and shared, as the simulator does.
+    shared: bool,
 }
 
 fn spec(rounds: u32, min_updates: u32) -> JobSpec {
@@ -144,6 +147,10 @@ fn kernel() -> KernelClass {
 
 impl Net {
     fn new(spec: JobSpec, behaviours: &[Behaviour]) -> Self {
+        Self::build(spec, behaviours, false)
+    }
+
+    fn build(spec: JobSpec, behaviours: &[Behaviour], shared: bool) -> Self {
         let owner = Keypair::from_seed(&[1; 32]);
         let signed = Signed::sign(&owner, &spec);
         let (coord, actions) =
@@ -173,6 +180,7 @@ impl Net {
             assignment_log: Vec::new(),
             distance_requests: Vec::new(),
             drop_distances: false,
+            shared,
         };
         net.coord_actions(actions);
         net
@@ -240,11 +248,25 @@ impl Net {
                     if let Published::Assignment(m) = &p {
                         self.assignment_log = m.verify().expect("own assignment").work;
                     }
+                    let verified_assignment = match &p {
+                        Published::Assignment(m) if self.shared => {
+                            Some(Arc::new(Verified::new(m.clone()).expect("own assignment")))
+                        }
+                        _ => None,
+                    };
+                    let verified_close = match &p {
+                        Published::Close(m) if self.shared => {
+                            Some(Arc::new(Verified::new(m.clone()).expect("own close")))
+                        }
+                        _ => None,
+                    };
                     for i in 0..self.workers.len() {
-                        let e = match &p {
-                            Published::Open(m) => WorkerEvent::Open(m.clone()),
-                            Published::Assignment(m) => WorkerEvent::Assigned(m.clone()),
-                            Published::Close(m) => WorkerEvent::Closed(m.clone()),
+                        let e = match (&p, &verified_assignment, &verified_close) {
+                            (_, Some(v), _) => WorkerEvent::AssignedVerified(Arc::clone(v)),
+                            (_, _, Some(v)) => WorkerEvent::ClosedVerified(Arc::clone(v)),
+                            (Published::Open(m), ..) => WorkerEvent::Open(m.clone()),
+                            (Published::Assignment(m), ..) => WorkerEvent::Assigned(m.clone()),
+                            (Published::Close(m), ..) => WorkerEvent::Closed(m.clone()),
                         };
                         self.at(LATENCY, Ev::Worker(i, e));
                     }
@@ -451,6 +473,52 @@ fn three_honest_workers_run_two_rounds() {
     assert_eq!(net.verdicts.len(), 6);
     assert!(net.refused.is_empty(), "{:?}", net.refused);
     assert_eq!(net.coord.phase(), Phase::Finished);
+}
+
+#[test]
+fn workers_given_shared_verified_messages_run_the_job_identically() {
+    let behaviours = [
+        Behaviour::Honest,
+        Behaviour::Vanishes,
+        Behaviour::Honest,
+        Behaviour::Honest,
+    ];
+    let mut plain = Net::new(spec(2, 2), &behaviours);
+    plain.run(u64::MAX);
+    let mut shared = Net::build(spec(2, 2), &behaviours, true);
+    shared.run(u64::MAX);
+    assert_eq!(shared.finished, plain.finished);
+    assert_eq!(shared.verdicts, plain.verdicts);
+    assert_eq!(shared.workers_finished, plain.workers_finished);
+    let closes = |n: &Net| n.closes.iter().map(|c| c.0.clone()).collect::<Vec<_>>();
+    assert_eq!(closes(&shared), closes(&plain));
+    assert!(shared.verdicts.len() >= 6, "{:?}", shared.verdicts);
+}
+
+#[test]
+fn a_shared_message_signed_by_someone_else_is_refused() {
+    let owner_spec = Signed::sign(&Keypair::from_seed(&[1; 32]), &spec(1, 1));
+    let me = Keypair::from_seed(&[10; 32]);
+    let mut w = Worker::new(&owner_spec, spec(1, 1), capacity());
+    let stranger = Keypair::from_seed(&[99; 32]);
+    let forged = Signed::sign(
+        &stranger,
+        &Assignment {
+            job: JobId::of(&owner_spec),
+            round: 0,
+            work: vec![],
+            commit_until: Timestamp(10),
+        },
+    );
+    let out = w.handle(
+        Timestamp(0),
+        WorkerEvent::AssignedVerified(Arc::new(Verified::new(forged).unwrap())),
+        &me,
+    );
+    assert!(
+        matches!(out.as_slice(), [WorkerAction::Refused { from, why: Refusal::Forged }] if *from == stranger.peer_id()),
+        "{out:?}"
+    );
 }
 
 #[test]

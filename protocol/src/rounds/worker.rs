@@ -11,11 +11,12 @@ use bincode::{Decode, Encode};
 use super::coordinator::Refusal;
 use crate::hash::ContentHash;
 use crate::identity::{Keypair, PeerId};
-use crate::signed::Signed;
+use crate::signed::{Signed, Verified};
 use crate::types::{
     Assignment, Capacity, JobId, JobSpec, KernelClass, RejectReason, RoundClose, RoundJoin,
     RoundOpen, RoundOutcome, SegmentCommit, Timestamp, UpdateCommit, WorkAssignment,
 };
+use std::sync::Arc;
 
 /// What the driver's training produced, fed back with [`WorkerEvent::Trained`].
 #[derive(Clone, Debug, PartialEq, Encode, Decode)]
@@ -45,6 +46,8 @@ pub enum WorkerEvent {
     Open(Signed<RoundOpen>),
     /// A round's assignment.
     Assigned(Signed<Assignment>),
+    /// A round's assignment, already verified and shared with other workers of this process.
+    AssignedVerified(Arc<Verified<Assignment>>),
     /// Training finished (the answer to [`WorkerAction::Train`]).
     Trained(TrainedUpdate),
     /// Training failed; the worker sits this round out.
@@ -54,6 +57,8 @@ pub enum WorkerEvent {
     },
     /// A round closed.
     Closed(Signed<RoundClose>),
+    /// A round closed; the close already verified and shared with other workers of this process.
+    ClosedVerified(Arc<Verified<RoundClose>>),
 }
 
 /// What the worker asks the driver to do.
@@ -187,14 +192,32 @@ impl Worker {
                 }
             }
             WorkerEvent::Open(m) => self.on_open(m, keypair, &mut out),
-            WorkerEvent::Assigned(m) => self.on_assigned(m, keypair, &mut out),
+            WorkerEvent::Assigned(m) => {
+                if let Some(a) = self.check(&m, &mut out) {
+                    self.on_assigned(m.signer(), &a, keypair, &mut out);
+                }
+            }
+            WorkerEvent::AssignedVerified(v) => {
+                if self.from_owner(v.signed(), &mut out) {
+                    self.on_assigned(v.signed().signer(), v.payload(), keypair, &mut out);
+                }
+            }
             WorkerEvent::Trained(t) => self.on_trained(now, t, keypair, &mut out),
             WorkerEvent::TrainingFailed { round } => {
                 if Some(round) == self.round && matches!(self.phase, WorkerPhase::Training { .. }) {
                     self.phase = WorkerPhase::Missed;
                 }
             }
-            WorkerEvent::Closed(m) => self.on_closed(m, keypair, &mut out),
+            WorkerEvent::Closed(m) => {
+                if let Some(c) = self.check(&m, &mut out) {
+                    self.on_closed(&c, keypair, &mut out);
+                }
+            }
+            WorkerEvent::ClosedVerified(v) => {
+                if self.from_owner(v.signed(), &mut out) {
+                    self.on_closed(v.payload(), keypair, &mut out);
+                }
+            }
         }
         out
     }
@@ -203,17 +226,26 @@ impl Worker {
         self.round.map(|round| WorkerAction::StopTraining { round })
     }
 
+    /// Whether `m` is signed by the job's owner (the signature itself is checked elsewhere);
+    /// a refusal goes to `out`.
+    fn from_owner<T>(&self, m: &Signed<T>, out: &mut Vec<WorkerAction>) -> bool {
+        if m.signer() != self.owner {
+            out.push(WorkerAction::Refused {
+                from: m.signer(),
+                why: Refusal::Forged,
+            });
+            return false;
+        }
+        true
+    }
+
     /// Verifies that `m` is the owner's and decodes it; refusals go to `out`.
     fn check<T: crate::signed::SignedPayload>(
         &self,
         m: &Signed<T>,
         out: &mut Vec<WorkerAction>,
     ) -> Option<T> {
-        if m.signer() != self.owner {
-            out.push(WorkerAction::Refused {
-                from: m.signer(),
-                why: Refusal::Forged,
-            });
+        if !self.from_owner(m, out) {
             return None;
         }
         match m.verify() {
@@ -277,24 +309,28 @@ impl Worker {
 
     fn on_assigned(
         &mut self,
-        m: Signed<Assignment>,
+        from: PeerId,
+        a: &Assignment,
         keypair: &Keypair,
         out: &mut Vec<WorkerAction>,
     ) {
-        let Some(a) = self.check(&m, out) else {
-            return;
-        };
-        if let Err(e) = a.validate() {
-            return out.push(WorkerAction::Refused {
-                from: m.signer(),
-                why: Refusal::Invalid(e.to_string()),
-            });
-        }
         if a.job != self.job || Some(a.round) != self.round || self.phase != WorkerPhase::Joined {
             return;
         }
+        if let Err(e) = a.validate() {
+            return out.push(WorkerAction::Refused {
+                from,
+                why: Refusal::Invalid(e.to_string()),
+            });
+        }
         let me = keypair.peer_id();
-        match a.work.into_iter().find(|w| w.worker == me) {
+        // The work is sorted by worker (validated above).
+        let mine = a
+            .work
+            .binary_search_by(|w| w.worker.cmp(&me))
+            .ok()
+            .map(|i| a.work[i].clone());
+        match mine {
             Some(work) => {
                 self.phase = WorkerPhase::Training {
                     work: work.clone(),
@@ -350,10 +386,7 @@ impl Worker {
         out.push(WorkerAction::SendCommit(commit));
     }
 
-    fn on_closed(&mut self, m: Signed<RoundClose>, keypair: &Keypair, out: &mut Vec<WorkerAction>) {
-        let Some(close) = self.check(&m, out) else {
-            return;
-        };
+    fn on_closed(&mut self, close: &RoundClose, keypair: &Keypair, out: &mut Vec<WorkerAction>) {
         if close.job != self.job {
             return;
         }
@@ -362,7 +395,13 @@ impl Worker {
                 out.extend(self.stop());
             }
             let me = keypair.peer_id();
-            if let Some(v) = close.verdicts.iter().find(|v| v.worker == me) {
+            // The verdicts are sorted by worker (a close's rule).
+            let verdict = close
+                .verdicts
+                .binary_search_by(|v| v.worker.cmp(&me))
+                .ok()
+                .map(|i| &close.verdicts[i]);
+            if let Some(v) = verdict {
                 out.push(WorkerAction::Verdict {
                     round: close.round,
                     rejected: v.rejected.clone(),
