@@ -5,9 +5,12 @@
 //!
 //! One base model is loaded once (the CPU [`Engine`] over the GGUF's blocks) and serves any
 //! number of LoRA adapters, applied on the fly per request, never merged into a copy of the base.
-//! Adapters live in an LRU cache with a memory budget. Generation runs on blocking threads, at
-//! most `parallel` at a time; requests beyond that wait in a bounded queue, and beyond the queue
-//! they are refused with 429. A client that goes away (a dropped connection) stops its
+//! Adapters live in an LRU cache with a memory budget. At most `parallel` generations run at a
+//! time; requests beyond that wait in a bounded queue, and beyond the queue they are refused
+//! with 429. Each request's prompt runs on a blocking thread of its own; then its sequence joins
+//! the base model's decode loop, which advances all running sequences together, one batched
+//! forward pass per token (continuous batching: see `decode_loop`), so that concurrent streams
+//! share each read of the weights. A client that goes away (a dropped connection) stops its
 //! generation at the next token.
 //!
 //! Model ids: a base model (`smollm2-135m-instruct`, a file name in the model cache, or the
@@ -33,9 +36,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cohort_trainer::adapter::AdapterWeights;
-use cohort_trainer::engine::{Engine, EngineCache, EngineError, Logits};
+use cohort_trainer::engine::{DecodeItem, Engine, EngineCache, EngineError, Logits};
 use cohort_trainer::generate::{
-    CausalLm, FinishReason, GenerateError, Generation, Piece, SamplingParams, generate_pieces,
+    CausalLm, FinishReason, GenerateError, Generation, Piece, SamplingParams, Sequence,
 };
 use cohort_trainer::gguf::GgufFile;
 use cohort_trainer::models;
@@ -87,6 +90,12 @@ struct Base {
     /// Recent prompts' keys and values, to skip a prefix a new prompt shares with one of them.
     prefixes: Mutex<Vec<PrefixEntry>>,
     prefix_clock: AtomicU64,
+    /// The decode loop of this model's running generations ([`Base::decode`]).
+    decoder: Mutex<Option<std::sync::mpsc::Sender<Decoding>>>,
+    /// Batched decode steps run, and the tokens they decoded (their mean batch size is the
+    /// ratio).
+    decode_steps: AtomicU64,
+    decode_tokens: AtomicU64,
 }
 
 /// A prompt seen recently, with its keys and values under one adapter.
@@ -429,6 +438,9 @@ impl OpenAi {
                 created: now_secs(),
                 prefixes: Mutex::new(Vec::new()),
                 prefix_clock: AtomicU64::new(0),
+                decoder: Mutex::new(None),
+                decode_steps: AtomicU64::new(0),
+                decode_tokens: AtomicU64::new(0),
             })
         };
         let base = Arc::new(
@@ -1091,30 +1103,233 @@ async fn handle(
     }
 }
 
-/// Runs a generation on a blocking thread; `on_piece` gets each final piece of text.
-fn run(
-    p: &Prepared,
-    metrics: &Metrics,
-    on_piece: impl FnMut(Piece<'_>) -> ControlFlow<()>,
-) -> Result<Generation, GenerateError> {
+// ---------------------------------------------------------------------------------------------
+// Generation. A request's prompt runs on a blocking thread of its own (through the prefix
+// cache), and its first token is sampled there; then the sequence joins its base model's decode
+// loop, a thread that advances every running sequence of that base by one token per step with
+// one batched forward pass ([`Engine::decode_batch`]: each weight matrix is read once per step
+// for all of them, each sequence with its own adapter and keys and values). Sequences join
+// between steps and leave when they end (continuous batching).
+
+/// Where a generation's text goes; called from the thread that advances it.
+trait Sink: Send {
+    /// Whether the client is still there: a generation whose client left ends at the next step.
+    fn alive(&self) -> bool;
+    /// A final piece of text with its tokens; `Break` ends the generation.
+    fn piece(&mut self, piece: Piece<'_>) -> ControlFlow<()>;
+    /// The end: the generation, or why it failed.
+    fn done(self: Box<Self>, out: Result<Generation, String>);
+}
+
+/// A sequence in its base model's decode loop.
+struct Decoding {
+    base: Arc<Base>,
+    adapter: Option<Arc<AdapterWeights>>,
+    seq: Sequence,
+    cache: EngineCache,
+    /// The token to run at the next step.
+    next: u32,
+    sink: Box<dyn Sink>,
+}
+
+impl Decoding {
+    /// Hands out the text still held back and reports the end.
+    fn finish(self) {
+        let Decoding { seq, mut sink, .. } = self;
+        let g = seq.finish(&mut |p| sink.piece(p));
+        sink.done(Ok(g));
+    }
+}
+
+/// Runs `p`'s prompt (on a blocking thread), samples its first token and hands the sequence to
+/// its base model's decode loop; `sink` gets the text and the end.
+fn start(p: &Prepared, metrics: &Metrics, mut sink: Box<dyn Sink>) {
+    let base = &p.base;
+    let context = base.engine.config().max_seq_len;
+    let mut seq = match Sequence::new(&base.tokenizer, &p.prompt, &p.common.params, context) {
+        Ok(s) => s,
+        Err(e) => return sink.done(Err(e.to_string())),
+    };
     let mut lm = PrefixLm {
-        base: &p.base,
+        base,
         adapter: p.adapter.as_ref().map(|(_, a)| &**a),
         adapter_key: p.adapter.as_ref().map_or("", |(k, _)| k.as_str()),
         cache: EngineCache::new(),
         reused: 0,
     };
-    let out = generate_pieces(
-        &mut lm,
-        &p.base.tokenizer,
-        &p.prompt,
-        &p.common.params,
-        on_piece,
-    );
+    let logits = lm.feed(&p.prompt);
     metrics
         .prefix_tokens
         .fetch_add(lm.reused as u64, Ordering::Relaxed);
-    out
+    let mut logits = match logits {
+        Ok(l) => l,
+        Err(e) => return sink.done(Err(GenerateError::from(e).to_string())),
+    };
+    if !sink.alive() {
+        seq.cancel();
+    }
+    let next = seq.step(&base.tokenizer, &mut logits, lm.position(), &mut |piece| {
+        sink.piece(piece)
+    });
+    let d = Decoding {
+        base: base.clone(),
+        adapter: p.adapter.as_ref().map(|(_, a)| a.clone()),
+        seq,
+        cache: lm.cache,
+        next: next.unwrap_or_default(),
+        sink,
+    };
+    match next {
+        Some(_) => base.decode(d),
+        None => d.finish(),
+    }
+}
+
+impl Base {
+    /// Adds a sequence to this model's decode loop, started on first use (and again if it has
+    /// stopped).
+    fn decode(&self, d: Decoding) {
+        let mut loop_tx = self.decoder.lock().unwrap_or_else(|p| p.into_inner());
+        let mut d = d;
+        for _ in 0..2 {
+            let tx = match loop_tx.as_ref() {
+                Some(tx) => tx.clone(),
+                None => {
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    let spawned = std::thread::Builder::new()
+                        .name("cohort-decode".into())
+                        .spawn(move || decode_loop(rx));
+                    if let Err(e) = spawned {
+                        return d.sink.done(Err(format!("starting the decode loop: {e}")));
+                    }
+                    loop_tx.insert(tx).clone()
+                }
+            };
+            match tx.send(d) {
+                Ok(()) => return,
+                // The loop is gone (it can only have panicked outside a step): a new one.
+                Err(std::sync::mpsc::SendError(back)) => {
+                    d = back;
+                    *loop_tx = None;
+                }
+            }
+        }
+        d.sink.done(Err("the decode loop stopped".into()));
+    }
+}
+
+/// A base model's decode loop: waits for sequences, then steps every running one at once until
+/// none is left. Ends when the base is dropped (its sender with it).
+fn decode_loop(rx: std::sync::mpsc::Receiver<Decoding>) {
+    let mut active: Vec<Decoding> = Vec::new();
+    loop {
+        if active.is_empty() {
+            match rx.recv() {
+                Ok(d) => active.push(d),
+                Err(_) => return,
+            }
+        }
+        // New sequences join between steps.
+        active.extend(rx.try_iter());
+        // Those whose client left end here.
+        let (gone, running): (Vec<Decoding>, Vec<Decoding>) =
+            active.into_iter().partition(|d| !d.sink.alive());
+        active = running;
+        for mut d in gone {
+            d.seq.cancel();
+            d.finish();
+        }
+        if active.is_empty() {
+            continue;
+        }
+        let stepped =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_step(&mut active)));
+        let failed = match stepped {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some("the decode step panicked".to_string()),
+        };
+        if let Some(e) = failed {
+            tracing::error!(error = %e, sequences = active.len(), "decode step failed");
+            for d in active.drain(..) {
+                d.sink.done(Err(e.clone()));
+            }
+            continue;
+        }
+        let (ended, running): (Vec<Decoding>, Vec<Decoding>) =
+            active.into_iter().partition(|d| d.seq.is_done());
+        active = running;
+        for d in ended {
+            d.finish();
+        }
+    }
+}
+
+/// One step of every sequence in `active` (all of one base): one batched forward pass of their
+/// next tokens, then each samples its next token and hands out its text (the sequences split
+/// over the cores).
+fn decode_step(active: &mut [Decoding]) -> Result<(), String> {
+    let base = active[0].base.clone();
+    let mut items: Vec<DecodeItem<'_>> = active
+        .iter_mut()
+        .map(|d| DecodeItem {
+            token: d.next,
+            cache: &mut d.cache,
+            adapter: d.adapter.as_deref(),
+        })
+        .collect();
+    let mut logits = base
+        .engine
+        .decode_batch(&mut items)
+        .map_err(|e| GenerateError::from(e).to_string())?;
+    drop(items);
+    base.decode_steps.fetch_add(1, Ordering::Relaxed);
+    base.decode_tokens
+        .fetch_add(active.len() as u64, Ordering::Relaxed);
+    let vocab = logits.len() / active.len();
+    let one = |d: &mut Decoding, logits: &mut [f32]| {
+        let Decoding {
+            seq,
+            cache,
+            next,
+            sink,
+            ..
+        } = d;
+        if let Some(t) = seq.step(&base.tokenizer, logits, cache.len(), &mut |p| sink.piece(p)) {
+            *next = t;
+        }
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(active.len());
+    if threads <= 1 {
+        for (d, l) in active.iter_mut().zip(logits.chunks_exact_mut(vocab)) {
+            one(d, l);
+        }
+    } else {
+        // Sampling a token costs about a millisecond (a sort of the vocabulary): spread.
+        let per = active.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            for (ds, ls) in active.chunks_mut(per).zip(logits.chunks_mut(per * vocab)) {
+                let one = &one;
+                scope.spawn(move || {
+                    for (d, l) in ds.iter_mut().zip(ls.chunks_exact_mut(vocab)) {
+                        one(d, l);
+                    }
+                });
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Counts a generation as running while it lives.
+struct Running(Arc<OpenAi>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.metrics.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn finish_reason(f: FinishReason) -> &'static str {
@@ -1174,6 +1389,39 @@ fn logprobs_of(base: &Base, g: &Generation, range: std::ops::Range<usize>) -> Va
     json!({ "content": content, "refusal": null })
 }
 
+/// A whole answer's end, for the request that waits for it.
+struct WholeSink {
+    result: Option<oneshot::Sender<Result<Generation, String>>>,
+    s: Arc<OpenAi>,
+    _running: Running,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Sink for WholeSink {
+    fn alive(&self) -> bool {
+        // The receiver is dropped with the request's future when the client goes away.
+        self.result.as_ref().is_some_and(|r| !r.is_closed())
+    }
+
+    fn piece(&mut self, _: Piece<'_>) -> ControlFlow<()> {
+        if self.alive() {
+            ControlFlow::Continue(())
+        } else {
+            ControlFlow::Break(())
+        }
+    }
+
+    fn done(mut self: Box<Self>, out: Result<Generation, String>) {
+        if matches!(&out, Ok(g) if g.finish == FinishReason::Cancelled) && !self.alive() {
+            self.s.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(r) = self.result.take() {
+            // Fails only when the request is gone: no one is left to answer.
+            let _ = r.send(out);
+        }
+    }
+}
+
 async fn whole_response(
     s: Arc<OpenAi>,
     p: Prepared,
@@ -1183,31 +1431,33 @@ async fn whole_response(
     created: u64,
     started: Instant,
 ) -> Response {
-    // Dropped with this future when the client goes away: the generation sees it and stops.
-    let (alive_tx, alive_rx) = oneshot::channel::<()>();
-    let s2 = s.clone();
-    let job = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let out = run(&p, &s2.metrics, |_| {
-            if alive_tx.is_closed() {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        });
-        s2.metrics.active.fetch_sub(1, Ordering::Relaxed);
-        (p, out)
+    // The receiver is dropped with this future when the client goes away: the generation sees
+    // it and stops.
+    let (tx, rx) = oneshot::channel();
+    let sink = Box::new(WholeSink {
+        result: Some(tx),
+        s: s.clone(),
+        _running: Running(s.clone()),
+        _permit: permit,
     });
-    let _alive = alive_rx;
-    let (p, out) = match job.await {
-        Ok(r) => r,
+    let s2 = s.clone();
+    let p = match tokio::task::spawn_blocking(move || {
+        start(&p, &s2.metrics, sink);
+        p
+    })
+    .await
+    {
+        Ok(p) => p,
         Err(e) => return ApiError::internal(e.to_string()).into_response(),
     };
+    let out = rx
+        .await
+        .unwrap_or_else(|_| Err("the generation stopped without an answer".into()));
     let g = match out {
         Ok(g) => g,
         Err(e) => {
             s.metrics.request(kind.route(), 500);
-            return ApiError::internal(e.to_string()).into_response();
+            return ApiError::internal(e).into_response();
         }
     };
     s.metrics.finish(kind.route(), &g, started, None);
@@ -1237,39 +1487,33 @@ async fn whole_response(
     .into_response()
 }
 
-fn stream_response(
-    s: Arc<OpenAi>,
-    p: Prepared,
-    permit: tokio::sync::OwnedSemaphorePermit,
-    kind: Kind,
+/// The events of one streamed answer.
+struct Chunks {
     id: String,
+    kind: Kind,
     created: u64,
-    started: Instant,
-) -> Response {
-    let (tx, rx) = mpsc::channel::<Event>(64);
-    let object = if kind == Kind::Chat {
-        "chat.completion.chunk"
-    } else {
-        "text_completion"
-    };
-    let model = p.common.model.clone();
-    let fingerprint = format!("cohort-{}", &p.base.hash[..12]);
-    let chunk = move |choices: Value, usage: Option<Value>| -> Event {
+    model: String,
+    fingerprint: String,
+}
+
+impl Chunks {
+    fn chunk(&self, choices: Value, usage: Option<Value>) -> Event {
         let mut v = json!({
-            "id": id,
-            "object": object,
-            "created": created,
-            "model": model,
-            "system_fingerprint": fingerprint,
+            "id": self.id,
+            "object": if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
             "choices": choices,
         });
         if let Some(u) = usage {
             v["usage"] = u;
         }
         Event::default().data(v.to_string())
-    };
-    let piece = move |text: &str, finish: Option<&str>, logprobs: Value| -> Value {
-        match kind {
+    }
+
+    fn piece(&self, text: &str, finish: Option<&str>, logprobs: Value) -> Value {
+        match self.kind {
             Kind::Chat => {
                 let delta = if finish.is_some() {
                     json!({})
@@ -1282,67 +1526,138 @@ fn stream_response(
                 json!([{ "index": 0, "text": text, "logprobs": null, "finish_reason": finish }])
             }
         }
-    };
-    let include_usage = p.common.include_usage;
-    // Every `blocking_send` below whose result is dropped can only fail because the client has
-    // gone (the receiver is the response body): there is no one left to tell, so it is ignored.
-    tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let mut first_token: Option<f64> = None;
-        if kind == Kind::Chat {
-            let opening = json!([{ "index": 0, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null }]);
-            let _ = tx.blocking_send(chunk(opening, include_usage.then_some(Value::Null)));
+    }
+}
+
+/// A streamed answer: each piece goes out as a chunk as soon as it is final.
+struct StreamSink {
+    s: Arc<OpenAi>,
+    base: Arc<Base>,
+    chunks: Chunks,
+    /// Unbounded, so that the decode loop never waits for a slow client; an answer's events
+    /// are bounded by its `max_tokens`.
+    tx: mpsc::UnboundedSender<Event>,
+    logprobs: bool,
+    include_usage: bool,
+    started: Instant,
+    first_token: Option<f64>,
+    /// Tokens whose log-probabilities went out with a piece; the rest go with the last chunk.
+    sent: usize,
+    _running: Running,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Sink for StreamSink {
+    fn alive(&self) -> bool {
+        // The receiver is the response body: closed when the client goes away.
+        !self.tx.is_closed()
+    }
+
+    fn piece(&mut self, part: Piece<'_>) -> ControlFlow<()> {
+        let started = self.started;
+        self.first_token
+            .get_or_insert_with(|| started.elapsed().as_secs_f64());
+        let logprobs = if self.logprobs {
+            self.sent = part.tokens.end;
+            logprobs_of(&self.base, part.generation, part.tokens)
+        } else {
+            Value::Null
+        };
+        let ev = self.chunks.chunk(
+            self.chunks.piece(part.text, None, logprobs),
+            self.include_usage.then_some(Value::Null),
+        );
+        match self.tx.send(ev) {
+            Ok(()) => ControlFlow::Continue(()),
+            // The client is gone.
+            Err(_) => ControlFlow::Break(()),
         }
-        // Tokens whose log-probabilities went out with a piece; the rest go with the last chunk.
-        let mut sent = 0;
-        let out = run(&p, &s.metrics, |part| {
-            first_token.get_or_insert_with(|| started.elapsed().as_secs_f64());
-            let logprobs = if p.logprobs {
-                sent = part.tokens.end;
-                logprobs_of(&p.base, part.generation, part.tokens)
-            } else {
-                Value::Null
-            };
-            let ev = chunk(
-                piece(part.text, None, logprobs),
-                include_usage.then_some(Value::Null),
-            );
-            match tx.blocking_send(ev) {
-                Ok(()) => ControlFlow::Continue(()),
-                // The client is gone.
-                Err(_) => ControlFlow::Break(()),
-            }
-        });
-        s.metrics.active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    // Every `send` below whose result is dropped can only fail because the client has gone:
+    // there is no one left to tell, so it is ignored.
+    fn done(self: Box<Self>, out: Result<Generation, String>) {
+        let route = self.chunks.kind.route();
+        let usage_field = self.include_usage.then_some(Value::Null);
         match out {
-            Ok(g) if g.finish == FinishReason::Cancelled && tx.is_closed() => {
-                s.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-                s.metrics.finish(kind.route(), &g, started, first_token);
+            Ok(g) if g.finish == FinishReason::Cancelled && self.tx.is_closed() => {
+                self.s.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                self.s
+                    .metrics
+                    .finish(route, &g, self.started, self.first_token);
             }
             Ok(g) => {
-                s.metrics.finish(kind.route(), &g, started, first_token);
-                let logprobs = if p.logprobs {
-                    logprobs_of(&p.base, &g, sent.min(g.tokens.len())..g.tokens.len())
+                self.s
+                    .metrics
+                    .finish(route, &g, self.started, self.first_token);
+                let logprobs = if self.logprobs {
+                    logprobs_of(
+                        &self.base,
+                        &g,
+                        self.sent.min(g.tokens.len())..g.tokens.len(),
+                    )
                 } else {
                     Value::Null
                 };
-                let _ = tx.blocking_send(chunk(
-                    piece("", Some(finish_reason(g.finish)), logprobs),
-                    include_usage.then_some(Value::Null),
-                ));
-                if include_usage {
-                    let _ = tx.blocking_send(chunk(json!([]), Some(usage(&g))));
+                let _ = self.tx.send(
+                    self.chunks.chunk(
+                        self.chunks
+                            .piece("", Some(finish_reason(g.finish)), logprobs),
+                        usage_field,
+                    ),
+                );
+                if self.include_usage {
+                    let _ = self.tx.send(self.chunks.chunk(json!([]), Some(usage(&g))));
                 }
-                let _ = tx.blocking_send(Event::default().data("[DONE]"));
+                let _ = self.tx.send(Event::default().data("[DONE]"));
             }
             Err(e) => {
-                s.metrics.request(kind.route(), 500);
-                let err = json!({ "error": { "message": e.to_string(), "type": "server_error", "param": null, "code": null } });
-                let _ = tx.blocking_send(Event::default().data(err.to_string()));
-                let _ = tx.blocking_send(Event::default().data("[DONE]"));
+                self.s.metrics.request(route, 500);
+                let err = json!({ "error": { "message": e, "type": "server_error", "param": null, "code": null } });
+                let _ = self.tx.send(Event::default().data(err.to_string()));
+                let _ = self.tx.send(Event::default().data("[DONE]"));
             }
         }
+    }
+}
+
+fn stream_response(
+    s: Arc<OpenAi>,
+    p: Prepared,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    kind: Kind,
+    id: String,
+    created: u64,
+    started: Instant,
+) -> Response {
+    let (tx, rx) = mpsc::unbounded_channel::<Event>();
+    let chunks = Chunks {
+        id,
+        kind,
+        created,
+        model: p.common.model.clone(),
+        fingerprint: format!("cohort-{}", &p.base.hash[..12]),
+    };
+    let include_usage = p.common.include_usage;
+    if kind == Kind::Chat {
+        let opening = json!([{ "index": 0, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null }]);
+        // Fails only when the client is gone (the generation then sees it and stops).
+        let _ = tx.send(chunks.chunk(opening, include_usage.then_some(Value::Null)));
+    }
+    let sink = Box::new(StreamSink {
+        s: s.clone(),
+        base: p.base.clone(),
+        chunks,
+        tx,
+        logprobs: p.logprobs,
+        include_usage,
+        started,
+        first_token: None,
+        sent: 0,
+        _running: Running(s.clone()),
+        _permit: permit,
     });
+    tokio::task::spawn_blocking(move || start(&p, &s.metrics, sink));
     let events = n0_future::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|ev| (Ok::<Event, Infallible>(ev), rx))
     });
@@ -1445,6 +1760,12 @@ impl Metrics {
 async fn metrics(State(s): State<Arc<OpenAi>>) -> Response {
     use std::fmt::Write as _;
     let m = &s.metrics;
+    let (decode_steps, decode_tokens) = s.lock_bases().values().fold((0, 0), |(st, t), b| {
+        (
+            st + b.decode_steps.load(Ordering::Relaxed),
+            t + b.decode_tokens.load(Ordering::Relaxed),
+        )
+    });
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -1480,6 +1801,16 @@ async fn metrics(State(s): State<Arc<OpenAi>>) -> Response {
             "cohort_prefix_cache_tokens_total",
             "Prompt tokens taken from the prefix cache instead of computed.",
             m.prefix_tokens.load(Ordering::Relaxed),
+        ),
+        (
+            "cohort_decode_steps_total",
+            "Batched decode steps (one forward pass for every running generation of a model).",
+            decode_steps,
+        ),
+        (
+            "cohort_decode_tokens_total",
+            "Tokens decoded by those steps (divided by the steps: the mean batch).",
+            decode_tokens,
         ),
         (
             "cohort_cancelled_total",

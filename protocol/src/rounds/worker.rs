@@ -198,7 +198,7 @@ impl Worker {
                 }
             }
             WorkerEvent::AssignedVerified(v) => {
-                if self.from_owner(v.signed(), &mut out) {
+                if self.signed_by_owner(v.signed(), &mut out) {
                     self.on_assigned(v.signed().signer(), v.payload(), keypair, &mut out);
                 }
             }
@@ -214,7 +214,7 @@ impl Worker {
                 }
             }
             WorkerEvent::ClosedVerified(v) => {
-                if self.from_owner(v.signed(), &mut out) {
+                if self.signed_by_owner(v.signed(), &mut out) {
                     self.on_closed(v.payload(), keypair, &mut out);
                 }
             }
@@ -228,7 +228,7 @@ impl Worker {
 
     /// Whether `m` is signed by the job's owner (the signature itself is checked elsewhere);
     /// a refusal goes to `out`.
-    fn from_owner<T>(&self, m: &Signed<T>, out: &mut Vec<WorkerAction>) -> bool {
+    fn signed_by_owner<T>(&self, m: &Signed<T>, out: &mut Vec<WorkerAction>) -> bool {
         if m.signer() != self.owner {
             out.push(WorkerAction::Refused {
                 from: m.signer(),
@@ -245,7 +245,7 @@ impl Worker {
         m: &Signed<T>,
         out: &mut Vec<WorkerAction>,
     ) -> Option<T> {
-        if !self.from_owner(m, out) {
+        if !self.signed_by_owner(m, out) {
             return None;
         }
         match m.verify() {

@@ -13,6 +13,9 @@
 //! the baseline; the level is picked at run time from the CPU's features, once per process
 //! ([`level`]). Each level always sums in the same order, so results are bit-for-bit repeatable
 //! on one machine (they differ between levels in the last bits).
+//!
+//! [`matvec_batch`] multiplies several vectors (a decode step of several sequences) with one
+//! pass over the weights, each result bit for bit what [`matvec`] gives for that vector alone.
 
 use std::sync::OnceLock;
 
@@ -326,6 +329,106 @@ fn matmul_rows_dispatch(w: &RawMatrix, first: usize, n: usize, xs: &[f32], ys: &
     }
 }
 
+/// `Σ a·b` with 16 independent partial sums (plain multiplies and adds: the same result at
+/// every instruction-set level), then their sum in order, then the tail one product at a time.
+#[inline(always)]
+pub(crate) fn lora_dot(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let n = a.len().min(b.len()) / L * L;
+    let mut acc = [0f32; L];
+    for (x, y) in a[..n].chunks_exact(L).zip(b[..n].chunks_exact(L)) {
+        for l in 0..L {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for (x, y) in a[n..].iter().zip(&b[n..]) {
+        s += x * y;
+    }
+    s
+}
+
+/// `down[k] = lora_dot(A_k, x)·scale` for the `r` rows of `a` (`A`, `[r, x.len()]`): the first
+/// half of a LoRA adapter's update `y += scale·B·(A·x)` of one projection.
+pub fn lora_down(a: &[f32], r: usize, scale: f32, x: &[f32]) -> Vec<f32> {
+    assert_eq!(a.len(), r * x.len(), "lora shapes");
+    let d_in = x.len();
+    (0..r)
+        .map(|k| lora_dot(&a[k * d_in..(k + 1) * d_in], x) * scale)
+        .collect()
+}
+
+/// [`lora_up`], compiled for each level by `versions!`.
+#[inline(always)]
+fn lora_up_impl(
+    b: &[f32],
+    transposed: bool,
+    d_out: usize,
+    first: usize,
+    down: &[f32],
+    y: &mut [f32],
+) {
+    let r = down.len();
+    if transposed && r < 16 {
+        for (c, yc) in y.chunks_mut(16).enumerate() {
+            let o = first + c * 16;
+            let mut acc = [0f32; 16];
+            for k in 0..r {
+                let col = &b[k * d_out + o..k * d_out + o + yc.len()];
+                for l in 0..col.len() {
+                    acc[l] += col[l] * down[k];
+                }
+            }
+            for l in 0..yc.len() {
+                yc[l] += acc[l];
+            }
+        }
+    } else if r < 16 {
+        for (i, yo) in y.iter_mut().enumerate() {
+            let row = &b[(first + i) * r..(first + i + 1) * r];
+            let mut s = 0f32;
+            for k in 0..r {
+                s += row[k] * down[k];
+            }
+            *yo += s;
+        }
+    } else {
+        for (i, yo) in y.iter_mut().enumerate() {
+            *yo += lora_dot(&b[(first + i) * r..(first + i + 1) * r], down);
+        }
+    }
+}
+
+versions!(lora_up_impl, lora_up_avx512, lora_up_avx2, (b: &[f32], transposed: bool, d_out: usize, first: usize, down: &[f32], y: &mut [f32]));
+
+/// The second half of a LoRA update: `y[o] += Σ_k B[o,k]·down[k]` for outputs
+/// `first..first + y.len()` of `d_out`, where `b` is `B` (`[d_out, r]`) or, when `transposed`,
+/// `Bᵀ` (`[r, d_out]`). Each output sums as `lora_dot` sums a row of `B`: a row shorter than 16
+/// from zero, one product at a time, in order (which `Bᵀ` lets 16 outputs do at once). Plain
+/// multiplies and adds: the same results at every instruction-set level.
+#[allow(unsafe_code)]
+pub fn lora_up(
+    b: &[f32],
+    transposed: bool,
+    d_out: usize,
+    first: usize,
+    down: &[f32],
+    y: &mut [f32],
+) {
+    assert!(
+        b.len() == down.len() * d_out && first + y.len() <= d_out,
+        "lora shapes"
+    );
+    match level() {
+        // SAFETY: `level()` returns Avx512 / Avx2 only after the CPU reported those features.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { lora_up_avx512(b, transposed, d_out, first, down, y) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { lora_up_avx2(b, transposed, d_out, first, down, y) },
+        _ => lora_up_impl(b, transposed, d_out, first, down, y),
+    }
+}
+
 /// Rows per parallel task in a matrix-vector product.
 const MATVEC_CHUNK: usize = 32;
 /// Rows per parallel task in a matrix-matrix product.
@@ -387,6 +490,92 @@ pub fn matmul(w: &RawMatrix, xs: &[f32], ys: &mut [f32]) {
             ys[t * w.rows + first..t * w.rows + first + n]
                 .copy_from_slice(&block[t * n..(t + 1) * n]);
         }
+    }
+}
+
+/// Rows per parallel task in a batched matrix-vector product ([`matvec_batch_many`]) of at
+/// least [`BATCH_MIN`] vectors.
+const BATCH_CHUNK: usize = 16;
+/// Vectors from which a batched product decodes each row once into f32 and reuses it for all of
+/// them; below, each vector runs [`matvec`]'s dot product over the rows (cheaper for one or two,
+/// the rows read from memory once all the same).
+const BATCH_MIN: usize = 3;
+
+/// `ys[t] = W·xs[t]` for each of the `n` vectors of `xs` (`[n, cols]` gives `[n, rows]`), each
+/// result bit for bit what [`matvec`] gives for that vector alone, with the weights read from
+/// memory once for all the vectors (the decode step of several sequences at once).
+pub fn matvec_batch(w: &RawMatrix, xs: &[f32], ys: &mut [f32]) {
+    matvec_batch_many(&mut [(w, xs, ys)]);
+}
+
+/// Several batched matrix-vector products ([`matvec_batch`]) in one parallel pass, as
+/// [`matvec_many`] does for single vectors.
+pub fn matvec_batch_many(jobs: &mut [(&RawMatrix, &[f32], &mut [f32])]) {
+    for (w, xs, ys) in jobs.iter() {
+        let n = xs.len() / w.cols.max(1);
+        assert_eq!(
+            (xs.len(), ys.len()),
+            (n * w.cols, n * w.rows),
+            "matvec_batch shapes"
+        );
+    }
+    if jobs.iter().all(|(w, xs, _)| xs.len() == w.cols) {
+        return matvec_many(jobs);
+    }
+    // Each vector's block sums, per job.
+    let sums: Vec<Vec<Vec<f32>>> = jobs
+        .iter()
+        .map(|(w, xs, _)| xs.chunks_exact(w.cols).map(block_sums).collect())
+        .collect();
+    // Each task: a chunk of rows, with each vector's outputs for those rows.
+    let mut tasks = Vec::new();
+    for ((w, xs, ys), sums) in jobs.iter_mut().zip(&sums) {
+        let chunk = if sums.len() >= BATCH_MIN {
+            BATCH_CHUNK
+        } else {
+            MATVEC_CHUNK
+        };
+        let mut outs: Vec<_> = ys.chunks_mut(w.rows).map(|y| y.chunks_mut(chunk)).collect();
+        for c in 0..w.rows.div_ceil(chunk) {
+            let ys: Vec<&mut [f32]> = outs.iter_mut().filter_map(Iterator::next).collect();
+            tasks.push((*w, *xs, sums.as_slice(), c * chunk, ys));
+        }
+    }
+    tasks
+        .into_par_iter()
+        .for_each(|(w, xs, sums, first, mut ys)| batch_rows_dispatch(w, first, xs, sums, &mut ys));
+}
+
+/// Rows `first..` times each vector of `xs` into `ys[t]` (the rows' outputs for vector `t`),
+/// each product bit for bit [`matvec_rows_dispatch`]'s.
+#[allow(unsafe_code)]
+fn batch_rows_dispatch(
+    w: &RawMatrix,
+    first: usize,
+    xs: &[f32],
+    sums: &[Vec<f32>],
+    ys: &mut [&mut [f32]],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if ys.len() >= BATCH_MIN
+        && level() == Level::Avx512
+        && avx512::supports_batch(w.ty)
+        && ys[0].len() <= avx512::BATCH_ROWS
+    {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<f32>> =
+                const { std::cell::RefCell::new(Vec::new()) };
+        }
+        SCRATCH.with(|s| {
+            // SAFETY: `level()` returns Avx512 only after the CPU reported its features.
+            unsafe { avx512::batch_rows(w, first, xs, sums, ys, &mut s.borrow_mut()) }
+        });
+        return;
+    }
+    // Elsewhere, vector by vector over the block's rows (which stay in the cache from one
+    // vector to the next).
+    for (t, (y, xsum)) in ys.iter_mut().zip(sums).enumerate() {
+        matvec_rows_dispatch(w, first, &xs[t * w.cols..(t + 1) * w.cols], xsum, y);
     }
 }
 
@@ -568,6 +757,278 @@ mod avx512 {
                 GgmlType::F32 => dot_float::<false>(row, x),
                 _ => dot_q8_0(row, x),
             };
+        }
+    }
+
+    /// Types [`batch_rows`] multiplies.
+    pub(super) fn supports_batch(ty: GgmlType) -> bool {
+        matches!(ty, GgmlType::Q4_1 | GgmlType::Q4_0 | GgmlType::Q8_0)
+    }
+
+    /// Rows per call of [`batch_rows`] at most (one lane each in the Q4_1 offsets).
+    pub(super) const BATCH_ROWS: usize = 16;
+
+    /// Rows `first..first + rows` times every vector of `xs` (`[n, cols]`), into `ys[t][r]`,
+    /// each product bit for bit what [`matvec_rows`] gives for that row and vector. The rows are
+    /// decoded once into f32 (the values `d·q` that `dot_q4` and `dot_q8_0` form in registers),
+    /// then multiplied with four rows by four vectors at a time, every (row, vector) pair summed
+    /// in exactly those functions' order: the even blocks into one sum and the odd blocks into
+    /// another, the Q4_1 offsets `m·Σx` likewise (in one lane per row), Q8_0's scale applied to
+    /// each block's sum.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub(super) fn batch_rows(
+        w: &RawMatrix,
+        first: usize,
+        xs: &[f32],
+        xsums: &[Vec<f32>],
+        ys: &mut [&mut [f32]],
+        scratch: &mut Vec<f32>,
+    ) {
+        let cols = w.cols;
+        let blocks = cols / 32;
+        let n = xsums.len();
+        let rows = ys.first().map_or(0, |y| y.len());
+        assert!(
+            supports_batch(w.ty)
+                && rows <= BATCH_ROWS
+                && cols == blocks * 32
+                && first + rows <= w.rows
+                && xs.len() == n * cols
+                && ys.len() == n
+                && ys.iter().all(|y| y.len() == rows)
+                && xsums.iter().all(|s| s.len() >= blocks)
+        );
+        // Decoded rows `[rows, cols]`, then the per-block scales: Q4 `m` as `[blocks, 16]`
+        // (a lane per row), Q8_0 `d` as `[rows, blocks]`.
+        let rb = w.row_bytes();
+        // Every value read below is written first: no need to clear.
+        if scratch.len() < rows * cols + blocks * BATCH_ROWS {
+            scratch.resize(rows * cols + blocks * BATCH_ROWS, 0.0);
+        }
+        let (wbuf, sbuf) = scratch.split_at_mut(rows * cols);
+        for r in 0..rows {
+            let row = &w.bytes[(first + r) * rb..(first + r + 1) * rb];
+            let out = &mut wbuf[r * cols..(r + 1) * cols];
+            match w.ty {
+                GgmlType::Q4_1 => decode_q4::<true>(row, out, &mut sbuf[r..], BATCH_ROWS),
+                GgmlType::Q4_0 => decode_q4::<false>(row, out, &mut sbuf[r..], BATCH_ROWS),
+                _ => decode_q8_0(row, out, &mut sbuf[r * blocks..(r + 1) * blocks]),
+            }
+        }
+        let (wbuf, sbuf) = (&*wbuf, &*sbuf);
+        let q8 = w.ty == GgmlType::Q8_0;
+        macro_rules! tile {
+            ($rr:literal, $tt:literal, $r:expr, $t:expr) => {
+                if q8 {
+                    tile::<true, $rr, $tt>(wbuf, sbuf, blocks, xs, $r, $t, ys)
+                } else {
+                    tile::<false, $rr, $tt>(wbuf, sbuf, blocks, xs, $r, $t, ys)
+                }
+            };
+        }
+        macro_rules! rows {
+            ($tt:literal, $t:expr) => {{
+                let mut r = 0;
+                while r + 4 <= rows {
+                    tile!(4, $tt, r, $t);
+                    r += 4;
+                }
+                if r + 2 <= rows {
+                    tile!(2, $tt, r, $t);
+                    r += 2;
+                }
+                if r < rows {
+                    tile!(1, $tt, r, $t);
+                }
+            }};
+        }
+        // Vectors outer: four vectors' activations stay in the L1 cache while every row block
+        // passes by.
+        let mut t = 0;
+        while t + 4 <= n {
+            rows!(4, t);
+            t += 4;
+        }
+        if t + 2 <= n {
+            rows!(2, t);
+            t += 2;
+        }
+        if t < n {
+            rows!(1, t);
+        }
+        if !q8 {
+            // Add the offsets (zero for Q4_0, as in `dot_q4`): per vector, one lane per row.
+            let min = w.ty == GgmlType::Q4_1;
+            let mut lanes = [0f32; BATCH_ROWS];
+            for (y, xsum) in ys.iter_mut().zip(xsums) {
+                let (mut off0, mut off1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                if min {
+                    let mp = sbuf.as_ptr();
+                    let mut b = 0;
+                    while b + 2 <= blocks {
+                        // SAFETY: b + 1 < blocks: 16 floats at (b + 1)·16 lie inside `sbuf`
+                        // ([blocks, 16]).
+                        let (m0, m1) = unsafe {
+                            (
+                                _mm512_loadu_ps(mp.add(b * BATCH_ROWS)),
+                                _mm512_loadu_ps(mp.add((b + 1) * BATCH_ROWS)),
+                            )
+                        };
+                        off0 = _mm512_fmadd_ps(m0, _mm512_set1_ps(xsum[b]), off0);
+                        off1 = _mm512_fmadd_ps(m1, _mm512_set1_ps(xsum[b + 1]), off1);
+                        b += 2;
+                    }
+                    if b < blocks {
+                        // SAFETY: b < blocks, as above.
+                        let m0 = unsafe { _mm512_loadu_ps(mp.add(b * BATCH_ROWS)) };
+                        off0 = _mm512_fmadd_ps(m0, _mm512_set1_ps(xsum[b]), off0);
+                    }
+                }
+                // SAFETY: `lanes` holds 16 floats.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), _mm512_add_ps(off0, off1)) };
+                for (y, off) in y.iter_mut().zip(lanes) {
+                    *y += off;
+                }
+            }
+        }
+    }
+
+    /// A Q4_1 (`MIN`) or Q4_0 row decoded as `dot_q4` decodes it: `out[32b + j]` is the value
+    /// its block `b` multiplies with `x[32b + j]`; Q4_1's `m` of block `b` goes to
+    /// `mins[b·stride]`.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn decode_q4<const MIN: bool>(row: &[u8], out: &mut [f32], mins: &mut [f32], stride: usize) {
+        let bb = if MIN { 20 } else { 18 };
+        let blocks = row.len() / bb;
+        assert!(
+            row.len() == blocks * bb
+                && out.len() >= blocks * 32
+                && (!MIN || blocks == 0 || mins.len() > (blocks - 1) * stride)
+        );
+        let (rp, op) = (row.as_ptr(), out.as_mut_ptr());
+        let bias = if MIN { 0.0 } else { -8.0 };
+        let table = _mm512_add_ps(
+            _mm512_set_ps(
+                15.0, 14.0, 13.0, 12.0, 11.0, 10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0,
+                0.0,
+            ),
+            _mm512_set1_ps(bias),
+        );
+        for b in 0..blocks {
+            // SAFETY: block b < blocks: its bb bytes lie inside `row`, its 32 floats inside
+            // `out` (asserted above).
+            let (bits, q) = unsafe {
+                let p = rp.add(b * bb);
+                (
+                    (p as *const i32).read_unaligned(),
+                    _mm_loadu_si128(p.add(bb - 16).cast()),
+                )
+            };
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+            let idx = _mm512_cvtepu8_epi32(q);
+            let td = _mm512_mul_ps(table, _mm512_broadcastss_ps(dm));
+            // SAFETY: as above.
+            unsafe {
+                _mm512_storeu_ps(op.add(b * 32), _mm512_permutexvar_ps(idx, td));
+                _mm512_storeu_ps(
+                    op.add(b * 32 + 16),
+                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(idx), td),
+                );
+            }
+            if MIN {
+                mins[b * stride] = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+            }
+        }
+    }
+
+    /// A Q8_0 row decoded as `dot_q8_0` decodes it: the quants as f32 in `out`, each block's
+    /// scale `d` in `scales`.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn decode_q8_0(row: &[u8], out: &mut [f32], scales: &mut [f32]) {
+        let blocks = row.len() / 34;
+        assert!(row.len() == blocks * 34 && out.len() >= blocks * 32 && scales.len() >= blocks);
+        let (rp, op) = (row.as_ptr(), out.as_mut_ptr());
+        for (b, scale) in scales.iter_mut().enumerate().take(blocks) {
+            // SAFETY: block b < blocks: its 34 bytes lie inside `row`, its 32 floats inside `out`.
+            unsafe {
+                let p = rp.add(b * 34);
+                let bits = (p as *const u16).read_unaligned() as i32;
+                let q = _mm256_loadu_si256(p.add(2).cast());
+                *scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
+                let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+                let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(q)));
+                _mm512_storeu_ps(op.add(b * 32), q0);
+                _mm512_storeu_ps(op.add(b * 32 + 16), q1);
+            }
+        }
+    }
+
+    /// Rows `r..r + RR` of the decoded rows `w` (`[_, blocks·32]`; Q8_0's scales `d`
+    /// `[_, blocks]`) times vectors `t..t + T` of `xs`, into `ys[t'][r']`: `dot_q8_0`'s sums
+    /// (`Q8`), or `dot_q4`'s without the offsets. The even blocks are summed first, then the
+    /// odd ones, so that only `RR·T` accumulators are live at a time.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    fn tile<const Q8: bool, const RR: usize, const T: usize>(
+        w: &[f32],
+        d: &[f32],
+        blocks: usize,
+        xs: &[f32],
+        r: usize,
+        t: usize,
+        ys: &mut [&mut [f32]],
+    ) {
+        let cols = blocks * 32;
+        assert!(w.len() >= (r + RR) * cols && xs.len() >= (t + T) * cols);
+        assert!(!Q8 || d.len() >= (r + RR) * blocks);
+        assert!(ys.len() >= t + T && ys[t..t + T].iter().all(|y| y.len() >= r + RR));
+        let (wp, xp) = (w.as_ptr(), xs.as_ptr());
+        let mut sums = [[[_mm512_setzero_ps(); T]; RR]; 2];
+        for (parity, sum) in sums.iter_mut().enumerate() {
+            let mut acc = [[_mm512_setzero_ps(); T]; RR];
+            let mut b = parity;
+            while b < blocks {
+                let c = b * 32;
+                let mut x0 = [_mm512_setzero_ps(); T];
+                let mut x1 = [_mm512_setzero_ps(); T];
+                for k in 0..T {
+                    // SAFETY: token t + k < t + T and c + 32 <= cols (asserted above).
+                    unsafe {
+                        x0[k] = _mm512_loadu_ps(xp.add((t + k) * cols + c));
+                        x1[k] = _mm512_loadu_ps(xp.add((t + k) * cols + c + 16));
+                    }
+                }
+                for i in 0..RR {
+                    // SAFETY: row r + i < r + RR and c + 32 <= cols (asserted above).
+                    let (w0, w1) = unsafe {
+                        (
+                            _mm512_loadu_ps(wp.add((r + i) * cols + c)),
+                            _mm512_loadu_ps(wp.add((r + i) * cols + c + 16)),
+                        )
+                    };
+                    if Q8 {
+                        let scale = _mm512_set1_ps(d[(r + i) * blocks + b]);
+                        for k in 0..T {
+                            let s = _mm512_fmadd_ps(w1, x1[k], _mm512_mul_ps(w0, x0[k]));
+                            acc[i][k] = _mm512_fmadd_ps(scale, s, acc[i][k]);
+                        }
+                    } else {
+                        for k in 0..T {
+                            acc[i][k] = _mm512_fmadd_ps(w0, x0[k], acc[i][k]);
+                            acc[i][k] = _mm512_fmadd_ps(w1, x1[k], acc[i][k]);
+                        }
+                    }
+                }
+                b += 2;
+            }
+            *sum = acc;
+        }
+        for i in 0..RR {
+            for k in 0..T {
+                ys[t + k][r + i] =
+                    _mm512_reduce_add_ps(_mm512_add_ps(sums[0][i][k], sums[1][i][k]));
+            }
         }
     }
 
@@ -1000,6 +1461,35 @@ mod tests {
                     let mut ys = vec![0f32; rows * tokens];
                     unsafe { avx512::matmul_rows(&m, 0, rows, &xs, &mut ys) };
                     check("avx512 matmul", &ys, &want);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_batched_product_equals_one_product_per_vector_bit_for_bit() {
+        for ty in [
+            GgmlType::Q4_1,
+            GgmlType::Q4_0,
+            GgmlType::Q8_0,
+            GgmlType::F16,
+            GgmlType::Q6K,
+        ] {
+            // 256 columns for the K types' blocks; 37 rows: two full chunks and a tail of 5.
+            let (rows, cols) = (37, if matches!(ty, GgmlType::Q6K) { 256 } else { 96 });
+            let (m, _) = matrix(ty, rows, cols, 8);
+            for n in 1..=7 {
+                let mut rng = cohort_protocol::rng::SplitMix64::new(n as u64);
+                let xs: Vec<f32> = (0..n * cols)
+                    .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+                    .collect();
+                let mut got = vec![0f32; n * rows];
+                matvec_batch(&m, &xs, &mut got);
+                for (t, g) in got.chunks_exact(rows).enumerate() {
+                    let mut want = vec![0f32; rows];
+                    matvec(&m, &xs[t * cols..(t + 1) * cols], &mut want);
+                    let same = want.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{ty}, {n} vectors, vector {t}: {g:?} vs {want:?}");
                 }
             }
         }
