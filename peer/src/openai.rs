@@ -1630,6 +1630,8 @@ fn stream_response(
     created: u64,
     started: Instant,
 ) -> Response {
+    // Unbounded so that a slow client never stalls the shared decode batch; what it holds is
+    // bounded by the request's max_tokens (one event per piece, plus the closing three).
     let (tx, rx) = mpsc::unbounded_channel::<Event>();
     let chunks = Chunks {
         id,

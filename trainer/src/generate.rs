@@ -454,7 +454,9 @@ impl Sequence {
             return None;
         }
         self.context.push(token);
-        if let Some(piece) = push_utf8(&mut self.utf8, tokenizer.token_bytes(token)) {
+        if let Some(piece) =
+            crate::tokenizer::push_utf8(&mut self.utf8, tokenizer.token_bytes(token))
+        {
             self.pending.push_str(&piece);
         }
         // A stop string anywhere in the generated text so far ends generation before it.
@@ -538,42 +540,6 @@ impl Sequence {
         }
         self.out
     }
-}
-
-/// Adds a token's bytes to `held` (bytes of an unfinished UTF-8 character) and returns the
-/// text that became complete, exactly as [`crate::tokenizer::StreamDecoder::push`] does
-/// (invalid bytes come out as U+FFFD at once). A [`Sequence`] keeps these bytes itself rather
-/// than a decoder that borrows the tokenizer, so that it can move between threads on its own.
-fn push_utf8(held: &mut Vec<u8>, bytes: &[u8]) -> Option<String> {
-    held.extend_from_slice(bytes);
-    let mut out = String::new();
-    let mut rest: &[u8] = held;
-    loop {
-        match std::str::from_utf8(rest) {
-            Ok(s) => {
-                out.push_str(s);
-                rest = &[];
-                break;
-            }
-            Err(e) => {
-                let (good, bad) = rest.split_at(e.valid_up_to());
-                out.push_str(std::str::from_utf8(good).unwrap_or_default());
-                match e.error_len() {
-                    Some(len) => {
-                        out.push(char::REPLACEMENT_CHARACTER);
-                        rest = &bad[len..];
-                    }
-                    None => {
-                        rest = bad;
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    let drop = held.len() - rest.len();
-    held.drain(..drop);
-    (!out.is_empty()).then_some(out)
 }
 
 /// `ln Σ exp(l)` over `logits`, shifted by their maximum and summed in f64.

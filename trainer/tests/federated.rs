@@ -15,13 +15,7 @@ use std::sync::atomic::AtomicBool;
 use burn::tensor::Device;
 use cohort_protocol::ContentHash;
 use cohort_protocol::rng::SplitMix64;
-use cohort_protocol::types::Timestamp;
-use cohort_protocol::types::datanet::DatanetId;
-use cohort_protocol::types::job::{
-    AdapterConfig, AdapterKind, BaseQuant, DatanetRef, Deadlines, Hyperparameters, JobSpec,
-    LrSchedule, MergeMethod as JobMergeMethod, Quorum, TargetModule, ValidationSpec,
-    VerificationSpec,
-};
+use cohort_protocol::types::job::{AdapterKind, BaseQuant, JobSpec};
 use cohort_trainer::adapter::{AdapterWeights, Factors, LoraSpec, MergeMethod, attach};
 use cohort_trainer::federated::{
     BUNDLE_MAGIC, FederatedError, JobSetup, Replay, UpdateDefect, check_update, evaluate, examples,
@@ -37,64 +31,6 @@ use common::{TOKENIZER_VOCAB, Tiny, temp_gguf, tiny_model_with_tokenizer};
 
 fn h(i: u8) -> ContentHash {
     ContentHash::of(&[i])
-}
-
-/// A job on the tiny model: rank 4 on q, v and down; 2 epochs of batches of 2; a segment every
-/// 2 steps.
-fn job() -> JobSpec {
-    JobSpec {
-        name: "tiny".into(),
-        base_model: h(1),
-        adapter: AdapterConfig {
-            kind: AdapterKind::Lora,
-            rank: 4,
-            alpha: 8.0,
-            dropout: 0.0,
-            targets: vec![TargetModule::Q, TargetModule::V, TargetModule::Down],
-            rslora: false,
-        },
-        hyper: Hyperparameters {
-            learning_rate: 2e-2,
-            schedule: LrSchedule::Constant,
-            warmup_steps: 0,
-            epochs: 2,
-            batch_size: 2,
-            grad_accumulation: 1,
-            seq_len: 64,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            seed: 21,
-        },
-        datanets: vec![DatanetRef {
-            datanet: DatanetId(h(2)),
-            version: 1,
-            manifest: h(3),
-        }],
-        validation: ValidationSpec {
-            fraction_ppm: 100_000,
-            seed: 4,
-            set: h(5),
-        },
-        rounds: 2,
-        quorum: Quorum {
-            min_updates: 1,
-            max_workers: 4,
-        },
-        deadlines: Deadlines {
-            enroll_ms: 1_000,
-            train_ms: 60_000,
-            validate_ms: 60_000,
-        },
-        merge: JobMergeMethod::ExactTruncated,
-        early_stopping: None,
-        verification: VerificationSpec {
-            segment_steps: 2,
-            audit_ppm: 50_000,
-            norm_bound_ppm: 3_000_000,
-            robust: cohort_protocol::types::RobustAggregation::None,
-        },
-        created_at: Timestamp(1_764_000_000_000),
-    }
 }
 
 struct Fx {
@@ -118,7 +54,7 @@ fn fixture_with(spec: &JobSpec, proj_ty: GgmlType) -> Fx {
 }
 
 fn fixture() -> Fx {
-    fixture_with(&job(), GgmlType::F32)
+    fixture_with(&common::tiny_job(), GgmlType::F32)
 }
 
 fn chat(user: &str, answer: &str) -> String {
@@ -228,7 +164,7 @@ fn a_job_spec_maps_to_the_trainer_settings() {
     assert!(!s.qlora);
     assert_eq!(s.base_name, h(1).to_string());
 
-    let mut spec = job();
+    let mut spec = common::tiny_job();
     spec.hyper.max_grad_norm = 0.0;
     spec.hyper.seq_len = 1 << 20;
     spec.adapter.kind = AdapterKind::Qlora {
@@ -258,7 +194,7 @@ fn a_job_spec_maps_to_the_trainer_settings() {
     // Snapshots keep the configuration as JSON and a replay requires it back unchanged: the
     // decimal learning rates jobs use survive the round trip.
     for lr in [1e-4f32, 2e-4, 3e-4, 5e-5, 1e-3, 7e-6] {
-        let mut spec = job();
+        let mut spec = common::tiny_job();
         spec.hyper.learning_rate = lr;
         spec.hyper.max_grad_norm = 0.3;
         let train = JobSetup::from_spec(&spec, &fx.path).unwrap().train;
@@ -267,7 +203,7 @@ fn a_job_spec_maps_to_the_trainer_settings() {
         assert_eq!(back, train, "learning rate {lr}");
     }
     assert!(matches!(
-        JobSetup::from_spec(&job(), Path::new("/nonexistent/model.gguf")),
+        JobSetup::from_spec(&common::tiny_job(), Path::new("/nonexistent/model.gguf")),
         Err(FederatedError::Base { .. })
     ));
 

@@ -443,7 +443,7 @@ fn spot_check_verdicts_on_the_tolerance_path() {
     };
     let fx = fixture(7);
     let gguf = fx.path.clone();
-    let spec: JobSpec = tiny_job();
+    let spec: JobSpec = common::tiny_job();
     let setup = JobSetup::from_spec(&spec, &gguf).unwrap();
     let records: Vec<String> = (0..6)
         .map(|i| {
@@ -571,70 +571,6 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-fn tiny_job() -> cohort_protocol::types::job::JobSpec {
-    use cohort_protocol::ContentHash;
-    use cohort_protocol::types::Timestamp;
-    use cohort_protocol::types::datanet::DatanetId;
-    use cohort_protocol::types::job::{
-        AdapterConfig, AdapterKind, DatanetRef, Deadlines, Hyperparameters, JobSpec, LrSchedule,
-        MergeMethod, Quorum, TargetModule, ValidationSpec, VerificationSpec,
-    };
-    let h = |i: u8| ContentHash::of(&[i]);
-    JobSpec {
-        name: "tiny".into(),
-        base_model: h(1),
-        adapter: AdapterConfig {
-            kind: AdapterKind::Lora,
-            rank: 4,
-            alpha: 8.0,
-            dropout: 0.0,
-            targets: vec![TargetModule::Q, TargetModule::V, TargetModule::Down],
-            rslora: false,
-        },
-        hyper: Hyperparameters {
-            learning_rate: 2e-2,
-            schedule: LrSchedule::Constant,
-            warmup_steps: 0,
-            epochs: 2,
-            batch_size: 2,
-            grad_accumulation: 1,
-            seq_len: 64,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            seed: 21,
-        },
-        datanets: vec![DatanetRef {
-            datanet: DatanetId(h(2)),
-            version: 1,
-            manifest: h(3),
-        }],
-        validation: ValidationSpec {
-            fraction_ppm: 100_000,
-            seed: 4,
-            set: h(5),
-        },
-        rounds: 2,
-        quorum: Quorum {
-            min_updates: 1,
-            max_workers: 4,
-        },
-        deadlines: Deadlines {
-            enroll_ms: 1_000,
-            train_ms: 60_000,
-            validate_ms: 60_000,
-        },
-        merge: MergeMethod::ExactTruncated,
-        early_stopping: None,
-        verification: VerificationSpec {
-            segment_steps: 2,
-            audit_ppm: 50_000,
-            norm_bound_ppm: 3_000_000,
-            robust: cohort_protocol::types::RobustAggregation::None,
-        },
-        created_at: Timestamp(1_764_000_000_000),
-    }
-}
-
 // ----- Across kernel classes: flex against ndarray -----
 
 #[cfg(feature = "verify-ndarray")]
@@ -685,7 +621,7 @@ fn spot_check_on_ndarray_accepts_an_honest_flex_worker() {
     };
     let fx = fixture(8);
     let gguf = fx.path.clone();
-    let setup = JobSetup::from_spec(&tiny_job(), &gguf).unwrap();
+    let setup = JobSetup::from_spec(&common::tiny_job(), &gguf).unwrap();
     let records: Vec<String> = (0..6)
         .map(|i| {
             serde_json::json!({"messages": [

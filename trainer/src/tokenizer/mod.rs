@@ -64,7 +64,7 @@ use crate::gguf::{GgufError, GgufFile};
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use pretokenize::PreTokenizer;
-pub use stream::StreamDecoder;
+pub use stream::{StreamDecoder, push_utf8};
 
 use bpe::{Bpe, FxHashMap};
 

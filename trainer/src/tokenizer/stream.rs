@@ -25,39 +25,7 @@ impl<'a> StreamDecoder<'a> {
     /// Adds one id; returns the text that became complete, or `None` while a character is still
     /// unfinished. Bytes that can never become valid UTF-8 come out as U+FFFD right away.
     pub fn push(&mut self, id: u32) -> Option<String> {
-        self.pending
-            .extend_from_slice(self.tokenizer.token_bytes(id));
-        let mut out = String::new();
-        let mut rest: &[u8] = &self.pending;
-        loop {
-            match std::str::from_utf8(rest) {
-                Ok(s) => {
-                    out.push_str(s);
-                    rest = &[];
-                    break;
-                }
-                Err(e) => {
-                    let (good, bad) = rest.split_at(e.valid_up_to());
-                    out.push_str(std::str::from_utf8(good).unwrap_or_default());
-                    match e.error_len() {
-                        // Invalid bytes: replace them and go on.
-                        Some(len) => {
-                            out.push(char::REPLACEMENT_CHARACTER);
-                            rest = &bad[len..];
-                        }
-                        // An incomplete character at the end: wait for more.
-                        None => {
-                            rest = bad;
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        let keep = rest.len();
-        let drop = self.pending.len() - keep;
-        self.pending.drain(..drop);
-        (!out.is_empty()).then_some(out)
+        push_utf8(&mut self.pending, self.tokenizer.token_bytes(id))
     }
 
     /// Whether bytes of an unfinished character are held back.
@@ -71,4 +39,43 @@ impl<'a> StreamDecoder<'a> {
         self.pending.clear();
         out
     }
+}
+
+/// Adds `bytes` to `pending` (the bytes of a UTF-8 character not finished yet) and returns the
+/// text that became complete, or `None` while a character is still unfinished. Bytes that can
+/// never become valid UTF-8 come out as U+FFFD right away. [`StreamDecoder::push`] in a
+/// function, for holders of the pending bytes that cannot keep a decoder borrowing the
+/// tokenizer.
+pub fn push_utf8(pending: &mut Vec<u8>, bytes: &[u8]) -> Option<String> {
+    pending.extend_from_slice(bytes);
+    let mut out = String::new();
+    let mut rest: &[u8] = pending;
+    loop {
+        match std::str::from_utf8(rest) {
+            Ok(s) => {
+                out.push_str(s);
+                rest = &[];
+                break;
+            }
+            Err(e) => {
+                let (good, bad) = rest.split_at(e.valid_up_to());
+                out.push_str(std::str::from_utf8(good).unwrap_or_default());
+                match e.error_len() {
+                    // Invalid bytes: replace them and go on.
+                    Some(len) => {
+                        out.push(char::REPLACEMENT_CHARACTER);
+                        rest = &bad[len..];
+                    }
+                    // An incomplete character at the end: wait for more.
+                    None => {
+                        rest = bad;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let drop = pending.len() - rest.len();
+    pending.drain(..drop);
+    (!out.is_empty()).then_some(out)
 }
