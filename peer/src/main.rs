@@ -144,6 +144,9 @@ enum Command {
         /// (`nan`, `oversized`, `made-up`).
         #[arg(long, hide = true, requires = "volunteer")]
         volunteer_fault: Option<String>,
+        /// For tests of `cohort ledger verify` only: misbehave as a coordinator (`misfilter`).
+        #[arg(long, hide = true, value_parser = ["misfilter"])]
+        coordinator_fault: Option<String>,
     },
     /// Serve base models and LoRA adapters through an OpenAI-compatible API
     /// (`/v1/chat/completions`, `/v1/completions`, `/v1/models`) and `/metrics`, without a node.
@@ -1196,6 +1199,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_mdns,
             volunteer,
             volunteer_fault,
+            coordinator_fault,
         } => {
             let dir = data_dir(&cli)?;
             dir.keypair()?;
@@ -1227,6 +1231,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     fault: volunteer_fault.clone(),
                     ..Default::default()
                 }),
+                coordinator_fault: coordinator_fault.clone(),
             };
             runtime()?.block_on(up(config))?;
         }

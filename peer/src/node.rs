@@ -125,6 +125,9 @@ pub struct NodeConfig {
     pub dht: DhtConfig,
     /// Volunteer for jobs this policy accepts from the start (`None`: not until turned on).
     pub volunteer: Option<crate::rounds::volunteer::Policy>,
+    /// For tests of `cohort ledger verify` only: misbehave as a coordinator (`misfilter`: the
+    /// robust filter refuses the most central update instead of the farthest).
+    pub coordinator_fault: Option<String>,
 }
 
 /// What a running node writes to `node.json` once it is ready.
@@ -250,6 +253,8 @@ pub struct Node {
     located: Mutex<std::collections::HashMap<PeerId, Instant>>,
     /// Federated rounds: coordinators, workers, the volunteer switch.
     pub rounds: crate::rounds::Rounds,
+    /// [`NodeConfig::coordinator_fault`].
+    pub coordinator_fault: Option<String>,
     /// A weak handle to this node, for tasks it starts itself.
     pub this: Mutex<std::sync::Weak<Node>>,
     /// Tasks started after the node is up (coordinators, workers, their work); waited for at
@@ -1602,6 +1607,7 @@ pub async fn run(config: NodeConfig, cancel: CancellationToken) -> Result<(), No
         ),
         neighbours: Mutex::new(BTreeSet::new()),
         rounds: crate::rounds::Rounds::default(),
+        coordinator_fault: config.coordinator_fault.clone(),
         this: Mutex::new(std::sync::Weak::new()),
         tasks: tokio_util::task::TaskTracker::new(),
         cancel: cancel.child_token(),

@@ -6,6 +6,9 @@
 //! passes on every peer and fails on a tampered entry. Two consumers that took no part serve
 //! the job's merged adapter: one fetches it by hash from the coordinator and answers through
 //! the OpenAI-compatible API (`cohort chat --job`), the other refuses a tampered copy.
+//!
+//! And Multi-Krum in real rounds: `ledger verify` recomputes the robust filter's refusals from
+//! the published updates, and rejects the entry of a coordinator that lied about them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -397,4 +400,190 @@ fn tamper_first_entry(dir: &std::path::Path) {
     let mut b = Batch::default();
     store.put(&mut b, Cf::Ledger, &key, &value);
     store.write(b).unwrap();
+}
+
+/// Creates a one-round job on `node` with Multi-Krum (`--byzantine 1`) over `datanet`; its id.
+fn filtered_job(node: &Node, model: &std::path::Path, datanet: &str) -> String {
+    let created = node.json(&[
+        "job",
+        "create",
+        "--datanet",
+        datanet,
+        "--model",
+        model.to_str().unwrap(),
+        "--rank",
+        "4",
+        "--learning-rate",
+        "0.01",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "64",
+        "--rounds",
+        "1",
+        "--min-updates",
+        "3",
+        "--max-workers",
+        "5",
+        "--enroll-secs",
+        "15",
+        "--train-secs",
+        "60",
+        "--validate-secs",
+        "120",
+        "--segment-steps",
+        "2",
+        "--validation-fraction",
+        "0.1",
+        "--byzantine",
+        "1",
+    ]);
+    created["job"].as_str().unwrap().to_owned()
+}
+
+/// The chain of `coordinator` in `ledger verify --json`'s answer.
+fn chain_report<'a>(report: &'a Value, coordinator: &str) -> &'a Value {
+    report["chains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["coordinator"] == coordinator)
+        .unwrap_or_else(|| panic!("no chain of {coordinator}: {report}"))
+}
+
+/// Multi-Krum inside real rounds, checked by `ledger verify`: with `--byzantine 1` and five
+/// volunteers, the coordinator refuses one of the updates as an outlier, and every peer
+/// recomputes that verdict from the published updates (the refused one included). A second
+/// coordinator that lies about its filter (the hidden `misfilter` fault: it refuses the most
+/// central update instead of the farthest, and signs that) has its entry rejected by
+/// `ledger verify`, naming the updates each side refuses.
+#[test]
+fn ledger_verify_recomputes_the_robust_filter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny.gguf");
+    success(
+        cohort(&tmp.path().join("unused"))
+            .args(["model", "tiny"])
+            .arg(&model)
+            .output()
+            .unwrap(),
+    );
+    let a = Node::start(&tmp.path().join("a"), &[]);
+    a.json(&["datanet", "create", "velmora", "--schema", "chat"]);
+    let file = tmp.path().join("facts.jsonl");
+    write_facts(&file, 160);
+    let added = a.json(&[
+        "datanet",
+        "add",
+        "velmora",
+        file.to_str().unwrap(),
+        "--shard-bytes",
+        "3000",
+    ]);
+    assert!(added["shards"].as_array().unwrap().len() >= 5, "{added}");
+    a.json(&["datanet", "publish", "velmora"]);
+    let boot = a.bootstrap.clone();
+    let liar = Node::start(
+        &tmp.path().join("liar"),
+        &["--bootstrap", &boot, "--coordinator-fault", "misfilter"],
+    );
+    // The volunteers know both coordinators from the start (finding a coordinator is not what
+    // this test is about), and hold the datanet before the first job is announced.
+    let volunteers: Vec<Node> = (0..5)
+        .map(|i| {
+            Node::start(
+                &tmp.path().join(format!("v{i}")),
+                &[
+                    "--bootstrap",
+                    &boot,
+                    "--bootstrap",
+                    &liar.bootstrap,
+                    "--volunteer",
+                ],
+            )
+        })
+        .collect();
+    for peer in volunteers.iter().chain([&liar]) {
+        peer.wait_for_version("velmora", 1);
+    }
+
+    // One honest round, then one by the liar, on the same volunteers.
+    let mut outliers = Vec::new();
+    for coordinator in [&a, &liar] {
+        let job = filtered_job(coordinator, &model, "velmora");
+        let started = std::time::Instant::now();
+        let status = loop {
+            let s = job_status(coordinator, &job);
+            if s["finished"] == true {
+                break s;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(240),
+                "the filtered job did not finish: {s}\n{}",
+                coordinator.logs()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        let round = &status["closed_rounds"][0];
+        assert_eq!(
+            round["outcome"],
+            "Merged",
+            "{status}\n{}",
+            coordinator.logs()
+        );
+        let verdicts = round["verdicts"].as_array().unwrap();
+        // Five volunteers (Multi-Krum with f = 1 needs room for 2f + 3); one that joined late
+        // leaves four, still enough for the filter to refuse one.
+        assert!(verdicts.len() >= 4, "{round}\n{}", coordinator.logs());
+        let refused: Vec<&str> = verdicts
+            .iter()
+            .filter(|v| v["rejected"] == "Outlier")
+            .map(|v| v["worker"].as_str().unwrap())
+            .collect();
+        assert_eq!(refused.len(), 1, "{round}");
+        assert_eq!(
+            verdicts.iter().filter(|v| v["rejected"].is_null()).count(),
+            verdicts.len() - 1,
+            "{round}"
+        );
+        outliers.push(refused[0].to_owned());
+    }
+
+    // Every peer, the liar included, recomputes both rounds.
+    for peer in volunteers.iter().chain([&a, &liar]) {
+        wait_until(
+            "both chains to reach the peer",
+            Duration::from_secs(60),
+            || {
+                let l = peer.json(&["ledger", "show"]);
+                (l["chains"].as_array()?.len() == 2).then_some(())
+            },
+        );
+        let out = peer
+            .cmd()
+            .args(["--json", "ledger", "verify"])
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "the liar's chain verified on {}",
+            peer.id
+        );
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let honest = chain_report(&report, &a.id);
+        assert_eq!(honest["problems"], serde_json::json!([]), "{report}");
+        assert_eq!(honest["recomputed"], 1, "{report}");
+        let lying = chain_report(&report, &liar.id);
+        let problems = lying["problems"].as_array().unwrap();
+        assert_eq!(problems.len(), 1, "{report}");
+        let p = problems[0].as_str().unwrap();
+        assert!(
+            p.contains("Multi-Krum over the published updates refuses"),
+            "{p}"
+        );
+        // The problem names the update the liar refused and the one Multi-Krum refuses.
+        let short = |id: &str| id[..10].to_owned();
+        assert!(p.contains(&short(&outliers[1])), "{p}");
+        assert_eq!(lying["recomputed"], 0, "{report}");
+    }
 }

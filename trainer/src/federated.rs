@@ -800,8 +800,9 @@ pub enum SpotMismatch {
 ///   must end on the committed state hash, bit for bit;
 /// - otherwise the worker's end snapshot must hash to the committed state (so it is the state
 ///   the worker committed to), and the replayed state must be within the verifier's tolerance
-///   of it by [`state_distance`] (`first_tolerance` for the run's first segment, from step 0;
-///   `tolerance` otherwise). A replay that happens to reproduce the hash passes too.
+///   of it by [`state_distance`], an error relative to the segment's update from the start
+///   snapshot (`first_tolerance` for the run's first segment, from step 0; `tolerance`
+///   otherwise). A replay that happens to reproduce the hash passes too.
 ///
 /// The outer error means this peer could not check (its base model, the start adapter, the
 /// records; or no end snapshot was given where one is needed): not the worker's fault. The
@@ -862,7 +863,7 @@ pub fn spot_check(
     if claimed.hash() != seg.state {
         return Ok(Err(SpotMismatch::EndSnapshot));
     }
-    let distance = state_distance(&r.state, &claimed);
+    let distance = state_distance(&r.start_state, &r.state, &claimed);
     let tolerance = if audit.start_snapshot.is_none() {
         verifier.first_tolerance
     } else {

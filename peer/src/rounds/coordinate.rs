@@ -826,12 +826,17 @@ impl Task {
     /// On failure it does not answer: the machine's filter deadline closes the round unmerged.
     fn distances(&mut self, round: u32, updates: Vec<FilterInput>) {
         let ctx = self.context();
+        let node = self.node.clone();
         let tx = self.results_tx.clone();
         let job = self.job;
         self.node.spawn(async move {
             let result = match ctx.await {
                 Ok(ctx) => distances(ctx, round, &updates).await,
                 Err(e) => Err(e),
+            };
+            let result = match (result, node.coordinator_fault.as_deref()) {
+                (Ok(dist), Some("misfilter")) => Ok(misfilter(&dist, updates.len())),
+                (result, _) => result,
             };
             match result {
                 Ok(dist) => {
@@ -1049,8 +1054,8 @@ async fn check(
             Ok(Ok(cohort_trainer::federated::SpotPass::Reproduced)) => {}
             Ok(Ok(cohort_trainer::federated::SpotPass::Within(d))) => {
                 tracing::debug!(
-                    "spot check: {}'s segment ending at step {} is {:.2e} from its end state \
-                     (at {})",
+                    "spot check: {}'s segment ending at step {} is {:.2e} of its update from \
+                     its end state (at {})",
                     worker.short(),
                     seg.end_step,
                     d.relative,
@@ -1115,12 +1120,55 @@ async fn distances(ctx: Ctx, round: u32, updates: &[FilterInput]) -> Result<Vec<
             .join(format!("rounds/{round}/updates/{}", u.worker.short()));
         std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
         dirs.push(work::unpacked(&ctx.node, &u.update, Some(u.worker), &root).await?);
+        // The filter's outliers are part of the round's record too.
+        keep_serving(&ctx.node, u.update).await?;
     }
     let setup = ctx.setup.clone();
     work::blocking(move || {
         cohort_trainer::federated::update_distances(&setup, &dirs).map_err(|e| e.to_string())
     })
     .await
+}
+
+/// The `misfilter` fault (tests of `cohort ledger verify` only): distances under which
+/// Multi-Krum refuses the most central of `m` updates (the lowest score under `dist`) instead of
+/// the farthest: that one 100 away from every other, the rest 1 apart.
+fn misfilter(dist: &[f64], m: usize) -> Vec<f64> {
+    let f = 1.min(m.saturating_sub(3));
+    let Some(scores) = cohort_protocol::rounds::multi_krum_scores(dist, m, f) else {
+        return dist.to_vec();
+    };
+    let central = (0..m)
+        .min_by(|a, b| scores[*a].total_cmp(&scores[*b]))
+        .unwrap_or(0);
+    let mut fake = vec![0.0; m * m];
+    for i in 0..m {
+        for j in 0..m {
+            if i != j {
+                fake[i * m + j] = if i == central || j == central {
+                    100.0
+                } else {
+                    1.0
+                };
+            }
+        }
+    }
+    fake
+}
+
+/// Marks an update this coordinator fetched as one it serves: merged updates, and those the
+/// robust filter compared, stay available after their workers leave, so that anyone can
+/// recompute the round (`cohort ledger verify`).
+async fn keep_serving(node: &Node, hash: ContentHash) -> Result<(), String> {
+    node.state
+        .call(move |s| {
+            let mut b = Batch::default();
+            super::put_public(s.store(), &mut b, &hash, BlobKind::Update);
+            s.store().write(b)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
 }
 
 /// Merges the accepted updates, evaluates, attributes; publishes the merged adapter.
@@ -1140,19 +1188,7 @@ async fn merge(
         std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
         let d = work::unpacked(&ctx.node, &u.update, Some(u.worker), &root).await?;
         inputs.push((u.weight, d));
-        // Merged updates stay available from the coordinator after their workers leave, so that
-        // anyone can recompute the round (`cohort ledger verify`).
-        let hash = u.update;
-        ctx.node
-            .state
-            .call(move |s| {
-                let mut b = Batch::default();
-                super::put_public(s.store(), &mut b, &hash, BlobKind::Update);
-                s.store().write(b)
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        keep_serving(&ctx.node, u.update).await?;
     }
     let out = ctx.dir.join(format!("rounds/{round}/merged"));
     let _ = std::fs::remove_dir_all(&out);

@@ -10,12 +10,12 @@
 //! it can read every shard, the near-duplicate groups. On one kernel class (see the commit's
 //! `KernelClass`) the results are bit-identical; anything else is reported.
 //!
-//! The merge is recomputed from the merged set alone (the verdicts without a reason), so a round
-//! whose robust filter refused outliers rechecks like any other. The refusals themselves (norm
-//! bound, spot checks, Multi-Krum's [`RejectReason::Outlier`]) are taken from the signed close,
-//! not recomputed: refused updates are not published. Of the filter, only its arithmetic on the
-//! counts is checked: a merged round refuses exactly `min(f, m − 3)` outliers of the `m`
-//! updates it compared (none without a filter).
+//! The merge is recomputed from the merged set (the verdicts without a reason). The robust
+//! filter is recomputed too: the record names the commits Multi-Krum refused
+//! ([`RejectReason::Outlier`]); a merged round refuses exactly `min(f, m − 3)` of the `m`
+//! updates it compared, and Multi-Krum over the merged and refused updates' blobs must pick
+//! the same ones. The other refusals (shape, finite values, norm bound, spot checks) are taken
+//! from the signed close, not recomputed: those updates are not part of the record.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -213,19 +213,46 @@ async fn recheck_inner(
     }
     let spec = spec_of(node, e.job, coordinator).await?;
     // The robust filter: it compared the merged updates and its outliers, and refused
-    // min(f, m − 3) of them (see the coordinator's docs).
+    // min(f, m − 3) of them (see the coordinator's docs). The record names the outliers'
+    // commits, which must be the close's outlier verdicts.
+    let mut filtered = Vec::new();
+    for m in &record.filtered {
+        let Ok(c) = m.verify() else {
+            problems.push(format!(
+                "filtered commit of {} does not verify",
+                m.signer().short()
+            ));
+            return Ok(());
+        };
+        let verdict = close.verdicts.iter().find(|v| v.worker == m.signer());
+        if !verdict
+            .is_some_and(|v| v.rejected == Some(RejectReason::Outlier) && v.commit == m.hash())
+        {
+            problems.push(format!(
+                "{}'s filtered commit is not an outlier verdict of the close",
+                m.signer().short()
+            ));
+        }
+        filtered.push((m.signer(), c.update));
+    }
     let outliers = close
         .verdicts
         .iter()
         .filter(|v| v.rejected == Some(RejectReason::Outlier))
         .count();
+    if outliers != filtered.len() {
+        problems.push(format!(
+            "the close refuses {outliers} updates as outliers, the record names {}",
+            filtered.len()
+        ));
+    }
     let f = spec.verification.robust.byzantine() as usize;
     let compared = accepted + outliers;
-    let want = f.min(compared.saturating_sub(3));
-    if outliers != want {
+    let budget = f.min(compared.saturating_sub(3));
+    if outliers != budget {
         problems.push(format!(
             "the close refuses {outliers} of {compared} updates as outliers; the job's filter \
-             (f = {f}) refuses {want}"
+             (f = {f}) refuses {budget}"
         ));
     }
     // The plan against the datanets' signed manifests.
@@ -287,12 +314,24 @@ async fn recheck_inner(
     };
     let mut inputs: Vec<(f64, PathBuf)> = Vec::new();
     for ((worker, update), w) in updates.iter().zip(merge_weights(&tokens)) {
-        // The coordinator serves every update it merged; the worker may be gone.
-        let d = match work::unpacked(node, update, Some(coordinator), &dir).await {
-            Ok(d) => d,
-            Err(_) => work::unpacked(node, update, Some(*worker), &dir).await?,
-        };
-        inputs.push((w, d));
+        inputs.push((
+            w,
+            update_dir(node, coordinator, *worker, update, &dir).await?,
+        ));
+    }
+    let setup = work::setup(&spec, &base)?;
+    if budget > 0 && problems.is_empty() {
+        filter_again(
+            node,
+            &setup,
+            coordinator,
+            &updates,
+            &filtered,
+            budget,
+            &dir,
+            problems,
+        )
+        .await?;
     }
     let bytes = work::blob_bytes(node, &spec.validation.set, Some(coordinator)).await?;
     let validation: Vec<String> = String::from_utf8(bytes)
@@ -301,7 +340,6 @@ async fn recheck_inner(
         .filter(|l| !l.trim().is_empty())
         .map(str::to_owned)
         .collect();
-    let setup = work::setup(&spec, &base)?;
     let out = dir.join("merged");
     let _ = std::fs::remove_dir_all(&out);
     let o2 = out.clone();
@@ -354,6 +392,78 @@ async fn recheck_inner(
         ));
     }
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Fetches an update the coordinator merged or compared (it serves them; the worker may be
+/// gone) and unpacks it under `dir`.
+async fn update_dir(
+    node: &Node,
+    coordinator: PeerId,
+    worker: PeerId,
+    update: &ContentHash,
+    dir: &std::path::Path,
+) -> Result<PathBuf, String> {
+    match work::unpacked(node, update, Some(coordinator), dir).await {
+        Ok(d) => Ok(d),
+        Err(_) => work::unpacked(node, update, Some(worker), dir).await,
+    }
+}
+
+/// Multi-Krum again, on the updates the round compared (`merged` and `filtered`, by worker):
+/// their pairwise distances from the update blobs, the `budget` outliers, and those against the
+/// ones the close refused. The arithmetic is the coordinator's own
+/// ([`cohort_trainer::federated::update_distances`],
+/// [`cohort_protocol::rounds::multi_krum_outliers`]), so on one kernel class the verdicts are
+/// the same; a near tie between two scores could differ elsewhere and would be reported.
+#[allow(clippy::too_many_arguments)]
+async fn filter_again(
+    node: &Node,
+    setup: &cohort_trainer::federated::JobSetup,
+    coordinator: PeerId,
+    merged: &[(PeerId, ContentHash)],
+    filtered: &[(PeerId, ContentHash)],
+    budget: usize,
+    dir: &std::path::Path,
+    problems: &mut Vec<String>,
+) -> Result<(), String> {
+    let mut compared: Vec<(PeerId, ContentHash, bool)> = merged
+        .iter()
+        .map(|(w, u)| (*w, *u, false))
+        .chain(filtered.iter().map(|(w, u)| (*w, *u, true)))
+        .collect();
+    compared.sort_by_key(|c| c.0);
+    let mut dirs = Vec::with_capacity(compared.len());
+    for (worker, update, _) in &compared {
+        dirs.push(update_dir(node, coordinator, *worker, update, dir).await?);
+    }
+    let setup = setup.clone();
+    let dist = work::blocking(move || {
+        cohort_trainer::federated::update_distances(&setup, &dirs).map_err(|x| x.to_string())
+    })
+    .await?;
+    let m = compared.len();
+    let Some(outliers) = cohort_protocol::rounds::multi_krum_outliers(&dist, m, budget) else {
+        problems.push(format!(
+            "the robust filter cannot refuse {budget} of {m} updates"
+        ));
+        return Ok(());
+    };
+    let names = |which: &mut dyn Iterator<Item = usize>| -> String {
+        which
+            .map(|i| compared[i].0.short())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let claimed: Vec<usize> = (0..m).filter(|i| compared[*i].2).collect();
+    if claimed != outliers {
+        problems.push(format!(
+            "the robust filter refused {} as outliers; Multi-Krum over the published updates \
+             refuses {}",
+            names(&mut claimed.iter().copied()),
+            names(&mut outliers.iter().copied())
+        ));
+    }
     Ok(())
 }
 

@@ -1130,6 +1130,16 @@ impl Coordinator {
             } else {
                 Vec::new()
             },
+            filtered: if merged {
+                self.round
+                    .commits
+                    .values()
+                    .filter(|s| s.state == SlotState::Rejected(RejectReason::Outlier))
+                    .map(|s| s.commit.clone())
+                    .collect()
+            } else {
+                Vec::new()
+            },
             shards: self.shards.clone(),
         };
         out.push(CoordinatorAction::Close {

@@ -45,6 +45,8 @@ struct Net {
     coord: Coordinator,
     workers: Vec<(Keypair, Worker, Behaviour)>,
     closes: Vec<(RoundClose, Vec<ShardCredit>, Vec<ComputeCredit>)>,
+    /// Commits the closes' records name as filtered out (outliers), over all rounds.
+    filtered: usize,
     refused: Vec<(PeerId, Refusal)>,
     verdicts: Vec<(usize, u32, Option<RejectReason>)>,
     finished: Option<RoundOutcome>,
@@ -172,6 +174,7 @@ impl Net {
             coord,
             workers,
             closes: Vec::new(),
+            filtered: 0,
             refused: Vec::new(),
             verdicts: Vec::new(),
             finished: None,
@@ -355,6 +358,20 @@ impl Net {
                             .map(|v| v.worker)
                             .collect();
                         assert_eq!(merged, clean);
+                        // And its filtered ones exactly the outliers, commits included.
+                        let filtered: Vec<(PeerId, ContentHash)> = record
+                            .filtered
+                            .iter()
+                            .map(|m| (m.signer(), m.hash()))
+                            .collect();
+                        let outliers: Vec<(PeerId, ContentHash)> = c
+                            .verdicts
+                            .iter()
+                            .filter(|v| v.rejected == Some(RejectReason::Outlier))
+                            .map(|v| (v.worker, v.commit))
+                            .collect();
+                        assert_eq!(filtered, outliers);
+                        self.filtered += filtered.len();
                         // Anyone can recompute the data credits from the record.
                         let values: Vec<(PeerId, f64)> =
                             merged.iter().map(|p| (*p, 0.05)).collect();
@@ -994,6 +1011,8 @@ fn multi_krum_refuses_the_far_update_and_merges_the_rest() {
     let merged: usize = (0..4).map(|i| net.shards_of(net.peer(i))).sum();
     assert_eq!(data.len(), merged);
     assert!(net.verdicts.contains(&(4, 0, Some(RejectReason::Outlier))));
+    // The round's record names its commit, for `ledger verify` to recompute the filter.
+    assert_eq!(net.filtered, 1);
 }
 
 #[test]

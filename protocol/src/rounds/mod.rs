@@ -72,6 +72,11 @@ pub struct RoundRecord {
     pub close: crate::signed::Signed<crate::types::RoundClose>,
     /// The commits that were merged, sorted by worker (empty when nothing was merged).
     pub merged: Vec<crate::signed::Signed<crate::types::UpdateCommit>>,
+    /// The commits the robust filter compared with the merged ones and refused as outliers
+    /// ([`crate::types::RejectReason::Outlier`]), sorted by worker (empty without a filter or
+    /// a merge): with `merged`, everything Multi-Krum compared, so that anyone can recompute
+    /// its verdicts from the updates.
+    pub filtered: Vec<crate::signed::Signed<crate::types::UpdateCommit>>,
     /// The job's training shards as planned (sorted by hash).
     pub shards: Vec<PlannedShard>,
 }
