@@ -905,3 +905,94 @@ fn measure_tolerance_across_kernel_classes() {
         assert!(h.iter().all(|d| *d <= tau), "a false accusation");
     }
 }
+
+/// The tolerance path on the default model (SmolLM2-135M-Instruct, Q4_1): a worker trains on
+/// flex, and every segment is spot-checked on ndarray through `spot_check` (BENCHMARKS.md,
+/// "Spot checks across kernel classes"). Prints each segment's distance and where it was
+/// reached; fails on a refused honest segment. Skipped when the model is not in the cache.
+///
+/// ```text
+/// cargo test -p cohort-trainer --features verify-ndarray --test tolerance -- \
+///     --ignored --nocapture measure_tolerance_on_the_default_model
+/// ```
+#[cfg(feature = "verify-ndarray")]
+#[test]
+#[ignore = "a measurement on the default model: minutes"]
+fn measure_tolerance_on_the_default_model() {
+    use cohort_protocol::types::job::TargetModule;
+    use cohort_trainer::federated::{
+        Audit, JobSetup, SpotPass, Verifier, spot_check, train_update,
+    };
+    let base = cohort_trainer::models::default_model_path();
+    if !base.is_file() {
+        eprintln!(
+            "skipped: {} is missing (run scripts/fetch-model.sh)",
+            base.display()
+        );
+        return;
+    }
+    // 48 short arithmetic chats: 12 steps of 4, a segment every 4 steps.
+    let records: Vec<String> = (0..48)
+        .map(|i| {
+            let (a, b) = (3 + i * 7 % 41, 2 + i * 11 % 37);
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("What is {a} plus {b}?")},
+                {"role": "assistant", "content": format!("{a} plus {b} is {}.", a + b)},
+            ]})
+            .to_string()
+        })
+        .collect();
+    let verifier = Verifier::ndarray();
+    let started = std::time::Instant::now();
+    let mut distances = [Vec::new(), Vec::new()];
+    for (lr, seed) in [(1e-3, 1u64), (1e-2, 2)] {
+        let mut spec = common::tiny_job();
+        spec.adapter.rank = 8;
+        spec.adapter.alpha = 16.0;
+        spec.adapter.targets = vec![TargetModule::Q, TargetModule::V, TargetModule::Down];
+        spec.hyper.learning_rate = lr;
+        spec.hyper.epochs = 1;
+        spec.hyper.batch_size = 4;
+        spec.verification.segment_steps = 4;
+        let setup = JobSetup::from_spec(&spec, &base).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let up = train_update(&setup, None, &records, seed, out.path(), &stop).unwrap();
+        eprintln!(
+            "lr {lr:e}: trained {} segments on flex, {:.0} s",
+            up.segments.len(),
+            started.elapsed().as_secs_f64()
+        );
+        assert!(!verifier.exact_for(&up.kernel));
+        for (i, s) in up.segments.iter().enumerate() {
+            let start = (i > 0).then(|| &up.snapshots[i]);
+            let audit = Audit {
+                segment: *s,
+                start_state: start.map(|p| p.state),
+                start_snapshot: start.map(|p| p.dir.as_path()),
+                end_snapshot: Some(&up.snapshots[i + 1].dir),
+                worker: &up.kernel,
+            };
+            let verdict = spot_check(&setup, None, &records, seed, &audit, &verifier).unwrap();
+            eprintln!(
+                "  segment ending at step {}: {verdict:?} ({:.0} s)",
+                s.end_step,
+                started.elapsed().as_secs_f64()
+            );
+            match verdict {
+                Ok(SpotPass::Within(d)) => distances[usize::from(i > 0)].push(d.relative),
+                Ok(SpotPass::Reproduced) => distances[usize::from(i > 0)].push(0.0),
+                Err(e) => panic!("an honest segment was refused: {e}"),
+            }
+        }
+    }
+    for (which, ds) in distances.iter().enumerate() {
+        let max = ds.iter().copied().fold(0.0, f64::max);
+        eprintln!(
+            "{} segments: N {}, max {max:.2e} (tolerance {:e})",
+            ["first", "later"][which],
+            ds.len(),
+            spot_check_tolerance(which == 0)
+        );
+    }
+}

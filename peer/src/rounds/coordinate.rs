@@ -744,21 +744,27 @@ impl Task {
 
     async fn refused(&self, from: PeerId, why: Refusal) {
         // Repeats and messages that crossed a phase change are what an honest peer sends
-        // around a deadline: refused, not counted against it.
+        // around a deadline: refused, not counted against it. A barred worker's join is the
+        // consequence of an offence its round's verdict already recorded: shown, not counted
+        // again.
         let rejection = match &why {
-            Refusal::Duplicate | Refusal::Stale | Refusal::Full => None,
+            Refusal::Duplicate | Refusal::Stale | Refusal::Full => {
+                tracing::debug!(job = %self.job.0.short(), peer = %from.short(), ?why, "refused");
+                return;
+            }
+            Refusal::Barred { .. } => None,
             Refusal::Forged => Some(Rejection::BadSignature),
             Refusal::Invalid(_) | Refusal::WrongJob => Some(Rejection::Invalid),
             Refusal::Equivocation => Some(Rejection::Equivocation),
             Refusal::NotAssigned | Refusal::Late => Some(Rejection::OutOfRound),
         };
-        if rejection.is_none() {
-            tracing::debug!(job = %self.job.0.short(), peer = %from.short(), ?why, "refused");
-            return;
-        }
         tracing::info!(job = %self.job.0.short(), peer = %from.short(), ?why, "refused");
+        let key = match &why {
+            Refusal::Barred { .. } => "Barred".to_owned(),
+            other => format!("{other:?}"),
+        };
         self.node.rounds.update_status(self.job, |s| {
-            *s.refused.entry(format!("{why:?}")).or_default() += 1;
+            *s.refused.entry(key).or_default() += 1;
         });
         if let Some(r) = rejection {
             self.node.state.call(move |s| s.reject(from, r)).await.ok();

@@ -339,8 +339,18 @@ impl Task {
                     .node
                     .call(self.owner, RequestBody::Join { join: m })
                     .await;
-                if let Ok(Response::Refused { reason }) = &r {
-                    tracing::debug!("join refused: {reason}");
+                match &r {
+                    // An earlier round refused this peer's update for misbehaviour: its
+                    // operator should hear of it.
+                    Ok(Response::Refused { reason }) if reason.starts_with("Barred") => {
+                        tracing::warn!("join refused: {reason}");
+                        eprintln!(
+                            "job {}: the coordinator bars this peer from its rounds: {reason}",
+                            self.job.0.short()
+                        );
+                    }
+                    Ok(Response::Refused { reason }) => tracing::debug!("join refused: {reason}"),
+                    _ => {}
                 }
             }
             // The deadline is the machine's to watch: past it, a tick turns into StopTraining.

@@ -174,6 +174,13 @@ pub enum Refusal {
     Equivocation,
     /// Enrolment is full.
     Full,
+    /// A join from a worker an earlier round of this job caught misbehaving.
+    Barred {
+        /// The round that refused its update.
+        round: u32,
+        /// Why.
+        reason: RejectReason,
+    },
 }
 
 /// A signed message the driver makes available to every peer (gossip an announcement of its
@@ -309,6 +316,26 @@ pub struct Coordinator {
     last_loss: Option<f32>,
     rounds_without_gain: u32,
     grace_until: Timestamp,
+    /// Workers an earlier round of this job caught misbehaving ([`bars`]), with the round and
+    /// the reason: their joins are refused ([`Refusal::Barred`]) for the rest of the job.
+    barred: BTreeMap<PeerId, (u32, RejectReason)>,
+}
+
+/// Whether a refused update bars its worker from the job's later rounds: when the refusal
+/// proves the worker broke the protocol or sent something no honest trainer produces (a failed
+/// spot check, other shards than assigned, two commits for one round, wrong shapes, non-finite
+/// values). Not for what befalls honest workers too: lateness, an unavailable blob, the norm
+/// bound (a shard unlike the others can trip it), Multi-Krum's outliers, a round that merged
+/// nothing.
+pub fn bars(reason: &RejectReason) -> bool {
+    matches!(
+        reason,
+        RejectReason::SpotCheckMismatch { .. }
+            | RejectReason::WrongShards
+            | RejectReason::Equivocation
+            | RejectReason::Shape
+            | RejectReason::NonFinite
+    )
 }
 
 /// Why a coordinator could not be built or restored.
@@ -383,6 +410,7 @@ impl Coordinator {
             last_loss: None,
             rounds_without_gain: 0,
             grace_until: now,
+            barred: BTreeMap::new(),
         };
         let actions = me.announce_current();
         Ok((me, actions))
@@ -444,6 +472,12 @@ impl Coordinator {
     /// The current round (the last one once finished).
     pub fn round(&self) -> u32 {
         self.round.number
+    }
+
+    /// The workers barred from this job's later rounds, with the round that caught each and
+    /// why ([`bars`]).
+    pub fn barred(&self) -> &BTreeMap<PeerId, (u32, RejectReason)> {
+        &self.barred
     }
 
     /// The current phase.
@@ -623,6 +657,10 @@ impl Coordinator {
         }
         if self.round.joins.contains_key(&from) {
             return out.push(refuse(from, Refusal::Duplicate));
+        }
+        if let Some((round, reason)) = self.barred.get(&from) {
+            let (round, reason) = (*round, reason.clone());
+            return out.push(refuse(from, Refusal::Barred { round, reason }));
         }
         if self.round.joins.len() >= self.spec.quorum.max_workers as usize {
             return out.push(refuse(from, Refusal::Full));
@@ -1069,6 +1107,13 @@ impl Coordinator {
                 },
             })
             .collect();
+        for v in &verdicts {
+            if let Some(reason) = v.rejected.as_ref().filter(|r| bars(r)) {
+                self.barred
+                    .entry(v.worker)
+                    .or_insert((self.round.number, reason.clone()));
+            }
+        }
         let compute: Vec<ComputeCredit> = self
             .round
             .commits

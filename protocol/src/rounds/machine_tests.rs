@@ -721,6 +721,56 @@ fn bad_and_oversized_updates_are_rejected_and_earn_nothing() {
 }
 
 #[test]
+fn a_worker_caught_cheating_is_barred_from_the_later_rounds() {
+    let mut net = Net::new(
+        spec(2, 2),
+        &[
+            Behaviour::Honest,
+            Behaviour::Bad(RejectReason::SpotCheckMismatch { end_step: 4 }),
+            Behaviour::Honest,
+            Behaviour::Oversized(50.0),
+            Behaviour::Bad(RejectReason::NonFinite),
+        ],
+    );
+    net.run(u64::MAX);
+    assert_eq!(net.closes.len(), 2);
+    assert_eq!(
+        net.verdict(0, 1),
+        Some(Some(RejectReason::SpotCheckMismatch { end_step: 4 }))
+    );
+    assert_eq!(net.verdict(0, 4), Some(Some(RejectReason::NonFinite)));
+    // Round 1: the spot-check cheat and the NaN sender are refused at enrolment, with the
+    // round and reason that barred them; the oversized update (the norm bound also catches
+    // honest workers with an unusual shard) is let back in and refused again on its merits.
+    for (i, reason) in [
+        (1, RejectReason::SpotCheckMismatch { end_step: 4 }),
+        (4, RejectReason::NonFinite),
+    ] {
+        assert_eq!(net.verdict(1, i), None, "worker {i} took part in round 1");
+        let p = net.peer(i);
+        assert!(
+            net.refused.contains(&(
+                p,
+                Refusal::Barred {
+                    round: 0,
+                    reason: reason.clone()
+                }
+            )),
+            "worker {i}: {:?}",
+            net.refused
+        );
+    }
+    assert_eq!(net.verdict(1, 3), Some(Some(RejectReason::NormBound)));
+    for i in [0, 2] {
+        assert_eq!(net.verdict(1, i), Some(None), "worker {i}");
+    }
+    // The bar is part of the saved state: a restarted coordinator keeps it.
+    assert_eq!(net.coord.barred().len(), 2);
+    let (restored, _) = Coordinator::restore(&net.coord.save(), &net.owner, net.now).unwrap();
+    assert_eq!(restored.barred(), net.coord.barred());
+}
+
+#[test]
 fn enrolment_waits_for_enough_volunteers() {
     // Quorum 4 with 3 volunteers: the round keeps enrolling past its deadline instead of
     // burning itself; nothing is assigned.
