@@ -44,15 +44,17 @@ use crate::train::{Boundary, Hooks, StepEvent, TrainConfig, TrainError, load_sna
 
 /// The tolerance of a spot check across kernel classes, for a segment that starts from a
 /// snapshot (step > 0): a replay on other kernels passes when [`state_distance`] from the
-/// worker's end state is at most this: a disagreement of at most 0.3% of the segment's update,
+/// worker's end state is at most this: a disagreement of at most 3% of the segment's update,
 /// tensor by tensor. See [`spot_check_tolerance`].
 ///
-/// Set from measurement (BENCHMARKS.md, "Spot checks across kernel classes"): of 960 honest
-/// segments (4 steps each, not the first of their run) trained on flex (gemm, AVX-512) and
-/// replayed on burn's ndarray backend (matrixmultiply), the largest distance was 2.4e-4 (12x
-/// under this); a skipped optimizer step (>= 0.31), one changed example (>= 0.16) and noise of
-/// 1% of the update on `B` were all refused (50x and more over this); noise of 0.1% passes.
-pub const SPOT_CHECK_TOLERANCE: f64 = 3e-3;
+/// Set from measurement (BENCHMARKS.md, "Spot checks across kernel classes"), flex (gemm,
+/// AVX-512) against burn's ndarray backend (matrixmultiply), 4-step segments. On the default
+/// model (30 layers) the largest honest distance of 28 segments was 4.8e-3 (6x under this); on
+/// a 2-layer tiny model, 2.4e-4 of 960. A skipped optimizer step (>= 0.31) and one changed
+/// example (>= 0.16) were refused on both (5x and more over this), as was noise of 10% of the
+/// update on `B`; noise of 1% passes. The deeper model drifts further: the tolerance is set for
+/// it, not for the tiny one.
+pub const SPOT_CHECK_TOLERANCE: f64 = 3e-2;
 
 /// [`SPOT_CHECK_TOLERANCE`] for a run's first segment (from step 0, a fresh optimizer). Looser:
 /// AdamW's first updates are `±lr` per element whatever the gradient's size
@@ -60,10 +62,11 @@ pub const SPOT_CHECK_TOLERANCE: f64 = 3e-3;
 /// opposite sign on other kernels, a whole `2·lr` apart; with a history of steps behind it the
 /// update is damped and the kernels stay close. `A` suffers most: its gradient is zero at the
 /// first step (`B` starts at zero) and tiny after, so its first-segment update is small and
-/// rounding-sensitive. Measured: of 480 honest first segments the largest distance was 2.4e-2
-/// (at learning rate 3e-2; 4x under this); a skipped step (>= 0.43) and a changed example
-/// (>= 0.43) were refused, noise of 10% of the update on `B` mostly is not.
-pub const SPOT_CHECK_TOLERANCE_FIRST: f64 = 1e-1;
+/// rounding-sensitive. Measured: the largest honest first-segment distance was 6.9e-2 on the
+/// default model (of 14; 2.9x under this) and 2.4e-2 on the tiny one (of 480); a skipped step
+/// (>= 0.43) and a changed example (>= 0.44) were refused, noise of 10% of the update on `B`
+/// is not.
+pub const SPOT_CHECK_TOLERANCE_FIRST: f64 = 2e-1;
 
 /// The tolerance for a segment across kernel classes: [`SPOT_CHECK_TOLERANCE_FIRST`] for a
 /// run's first segment, [`SPOT_CHECK_TOLERANCE`] otherwise.

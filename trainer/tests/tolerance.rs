@@ -597,7 +597,7 @@ fn spot_check_verdicts_on_the_tolerance_path() {
     );
 
     // Forged end states, committed to by their own hash: B with noise of a size relative to
-    // the segment's update of B: 1e-9 of it (under the tolerance) passes within it, 1e-2 does
+    // the segment's update of B: 1e-9 of it (under the tolerance) passes within it, 10% does
     // not.
     let before = AdapterWeights::load_peft(&start_snap.dir).unwrap();
     let forge = |rel: f64, name: &str| -> (cohort_trainer::verify::Segment, std::path::PathBuf) {
@@ -625,10 +625,10 @@ fn spot_check_verdicts_on_the_tolerance_path() {
     }
     // The same class gets no tolerance.
     assert_eq!(audit(&up.kernel, tiny, None), Err(SpotMismatch::State));
-    let (big, big_dir) = forge(1e-2, "big");
+    let (big, big_dir) = forge(1e-1, "big");
     match audit(&other, big, Some(&big_dir)) {
         Err(SpotMismatch::Distance { distance, .. }) => {
-            assert!((distance.relative - 1e-2).abs() < 1e-3, "{distance:?}");
+            assert!((distance.relative - 1e-1).abs() < 1e-2, "{distance:?}");
             assert!(distance.worst.ends_with(" B"), "{distance:?}");
         }
         other => panic!("{other:?}"),
@@ -849,9 +849,20 @@ fn measure_tolerance_across_kernel_classes() {
             ds.last().copied().unwrap_or(f64::NAN)
         );
     }
+    let refused = summarize(&mut honest, &mut forged);
+    assert_eq!(refused, [0, 0], "a false accusation");
+}
+
+/// Prints the honest distances' statistics and, for candidate tolerances, how many honest
+/// segments each would refuse and how many forgeries of each kind it would let pass (by
+/// first and later segments); returns how many honest segments the chosen tolerances refuse.
+fn summarize(
+    honest: &mut [Vec<f64>; 2],
+    forged: &mut [std::collections::BTreeMap<Forgery, Vec<f64>>; 2],
+) -> [usize; 2] {
     let candidates: [&[f64]; 2] = [
-        &[3e-3, 1e-2, 3e-2, 5e-2, 1e-1, 2e-1],
-        &[1e-4, 3e-4, 5e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+        &[3e-3, 1e-2, 3e-2, 5e-2, 1e-1, 2e-1, 3e-1],
+        &[1e-4, 3e-4, 5e-4, 1e-3, 3e-3, 1e-2, 3e-2, 5e-2, 1e-1],
     ];
     for which in 0..2 {
         let tau = spot_check_tolerance(which == 0);
@@ -900,16 +911,16 @@ fn measure_tolerance_across_kernel_classes() {
             );
         }
     }
-    for (which, h) in honest.iter().enumerate() {
+    [0, 1].map(|which| {
         let tau = spot_check_tolerance(which == 0);
-        assert!(h.iter().all(|d| *d <= tau), "a false accusation");
-    }
+        honest[which].iter().filter(|d| **d > tau).count()
+    })
 }
 
-/// The tolerance path on the default model (SmolLM2-135M-Instruct, Q4_1): a worker trains on
-/// flex, and every segment is spot-checked on ndarray through `spot_check` (BENCHMARKS.md,
-/// "Spot checks across kernel classes"). Prints each segment's distance and where it was
-/// reached; fails on a refused honest segment. Skipped when the model is not in the cache.
+/// The same measurement on the default model (SmolLM2-135M-Instruct, Q4_1, 30 layers): runs
+/// trained on flex, every segment replayed on ndarray, with the same forgeries; then two jobs
+/// spot-checked on ndarray through `spot_check` (BENCHMARKS.md, "Spot checks across kernel
+/// classes"). Skipped when the model is not in the cache.
 ///
 /// ```text
 /// cargo test -p cohort-trainer --features verify-ndarray --test tolerance -- \
@@ -919,19 +930,59 @@ fn measure_tolerance_across_kernel_classes() {
 #[test]
 #[ignore = "a measurement on the default model: minutes"]
 fn measure_tolerance_on_the_default_model() {
-    use cohort_protocol::types::job::TargetModule;
-    use cohort_trainer::federated::{
-        Audit, JobSetup, SpotPass, Verifier, spot_check, train_update,
-    };
-    let base = cohort_trainer::models::default_model_path();
-    if !base.is_file() {
+    use std::collections::BTreeMap;
+    let path = cohort_trainer::models::default_model_path();
+    if !path.is_file() {
         eprintln!(
             "skipped: {} is missing (run scripts/fetch-model.sh)",
-            base.display()
+            path.display()
         );
         return;
     }
-    // 48 short arithmetic chats: 12 steps of 4, a segment every 4 steps.
+    let fx = Fx {
+        _dir: tempfile::tempdir().unwrap(),
+        file: GgufFile::open(&path).unwrap(),
+        path,
+        spec: LoraSpec {
+            rank: 8,
+            alpha: 16.0,
+            seed: 5,
+            targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+            ..LoraSpec::default()
+        },
+    };
+    let forgeries = [
+        Forgery::SkippedStep,
+        Forgery::OtherExample,
+        Forgery::NoiseOnB(3),
+        Forgery::NoiseOnB(2),
+        Forgery::NoiseOnB(1),
+    ];
+    let started = std::time::Instant::now();
+    let mut honest: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut forged: [BTreeMap<Forgery, Vec<f64>>; 2] = [BTreeMap::new(), BTreeMap::new()];
+    let mut worst: Vec<(f64, String)> = Vec::new();
+    for lr in [1e-4, 1e-3, 1e-2] {
+        for seed in 0..4u64 {
+            let ex = examples(&fx, seed + 100, 12);
+            let cfg = small_cfg(lr, seed);
+            let dir = tempfile::tempdir().unwrap();
+            let r = run_case(&fx, &ex, &cfg, 4, &ndarray(), &forgeries, dir.path());
+            for (i, (d, at, end)) in r.honest_at.into_iter().enumerate() {
+                honest[usize::from(i > 0)].push(d);
+                worst.push((d, format!("lr {lr:e} seed {seed} step {end}: {at}")));
+            }
+            for (f, first, d) in r.forged {
+                forged[usize::from(!first)].entry(f).or_default().push(d);
+            }
+            eprintln!(
+                "lr {lr:e} seed {seed}: {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    // And through `spot_check` itself, as a coordinator runs it: a job of 48 arithmetic chats
+    // in batches of 4, on the job's own targets.
     let records: Vec<String> = (0..48)
         .map(|i| {
             let (a, b) = (3 + i * 7 % 41, 2 + i * 11 % 37);
@@ -942,10 +993,10 @@ fn measure_tolerance_on_the_default_model() {
             .to_string()
         })
         .collect();
-    let verifier = Verifier::ndarray();
-    let started = std::time::Instant::now();
-    let mut distances = [Vec::new(), Vec::new()];
+    let verifier = cohort_trainer::federated::Verifier::ndarray();
     for (lr, seed) in [(1e-3, 1u64), (1e-2, 2)] {
+        use cohort_protocol::types::job::TargetModule;
+        use cohort_trainer::federated::{Audit, JobSetup, SpotPass, spot_check, train_update};
         let mut spec = common::tiny_job();
         spec.adapter.rank = 8;
         spec.adapter.alpha = 16.0;
@@ -954,16 +1005,10 @@ fn measure_tolerance_on_the_default_model() {
         spec.hyper.epochs = 1;
         spec.hyper.batch_size = 4;
         spec.verification.segment_steps = 4;
-        let setup = JobSetup::from_spec(&spec, &base).unwrap();
+        let setup = JobSetup::from_spec(&spec, &fx.path).unwrap();
         let out = tempfile::tempdir().unwrap();
         let stop = std::sync::atomic::AtomicBool::new(false);
         let up = train_update(&setup, None, &records, seed, out.path(), &stop).unwrap();
-        eprintln!(
-            "lr {lr:e}: trained {} segments on flex, {:.0} s",
-            up.segments.len(),
-            started.elapsed().as_secs_f64()
-        );
-        assert!(!verifier.exact_for(&up.kernel));
         for (i, s) in up.segments.iter().enumerate() {
             let start = (i > 0).then(|| &up.snapshots[i]);
             let audit = Audit {
@@ -974,25 +1019,35 @@ fn measure_tolerance_on_the_default_model() {
                 worker: &up.kernel,
             };
             let verdict = spot_check(&setup, None, &records, seed, &audit, &verifier).unwrap();
+            let d = match &verdict {
+                Ok(SpotPass::Within(d)) => d.clone(),
+                Err(cohort_trainer::federated::SpotMismatch::Distance { distance, .. }) => {
+                    distance.clone()
+                }
+                other => panic!("{other:?}"),
+            };
             eprintln!(
-                "  segment ending at step {}: {verdict:?} ({:.0} s)",
+                "spot_check, lr {lr:e} seed {seed}, segment ending at step {}: {:.2e} at {} \
+                 ({})",
                 s.end_step,
-                started.elapsed().as_secs_f64()
+                d.relative,
+                d.worst,
+                if verdict.is_ok() { "passed" } else { "REFUSED" }
             );
-            match verdict {
-                Ok(SpotPass::Within(d)) => distances[usize::from(i > 0)].push(d.relative),
-                Ok(SpotPass::Reproduced) => distances[usize::from(i > 0)].push(0.0),
-                Err(e) => panic!("an honest segment was refused: {e}"),
-            }
+            honest[usize::from(i > 0)].push(d.relative);
+            worst.push((
+                d.relative,
+                format!(
+                    "spot_check lr {lr:e} seed {seed} step {}: {}",
+                    s.end_step, d.worst
+                ),
+            ));
         }
     }
-    for (which, ds) in distances.iter().enumerate() {
-        let max = ds.iter().copied().fold(0.0, f64::max);
-        eprintln!(
-            "{} segments: N {}, max {max:.2e} (tolerance {:e})",
-            ["first", "later"][which],
-            ds.len(),
-            spot_check_tolerance(which == 0)
-        );
+    worst.sort_by(|a, b| b.0.total_cmp(&a.0));
+    for (d, at) in worst.iter().take(10) {
+        eprintln!("  {d:.2e} at {at}");
     }
+    let refused = summarize(&mut honest, &mut forged);
+    assert_eq!(refused, [0, 0], "a false accusation");
 }

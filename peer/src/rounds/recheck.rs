@@ -12,15 +12,15 @@
 //!
 //! The merge is recomputed from the merged set (the verdicts without a reason). The robust
 //! filter is recomputed too: the record names the commits Multi-Krum refused
-//! ([`RejectReason::Outlier`]); a merged round refuses exactly `min(f, m − 3)` of the `m`
-//! updates it compared, and Multi-Krum over the merged and refused updates' blobs must pick
+//! ([`RejectReason::Outlier`]); a merged round refuses exactly `min(f − caught, m − 3)` of the
+//! `m` updates it compared (`caught`: the round's updates refused for misbehaviour), and Multi-Krum over the merged and refused updates' blobs must pick
 //! the same ones. The other refusals (shape, finite values, norm bound, spot checks) are taken
 //! from the signed close, not recomputed: those updates are not part of the record.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cohort_protocol::rounds::coordinator::round_data_credits;
+use cohort_protocol::rounds::coordinator::{bars, filter_budget, round_data_credits};
 use cohort_protocol::rounds::{RoundRecord, merge_weights};
 use cohort_protocol::types::rpc::{RequestBody, Response};
 use cohort_protocol::types::{JobId, JobSpec, LedgerEntry, RejectReason, RoundOutcome};
@@ -213,7 +213,7 @@ async fn recheck_inner(
     }
     let spec = spec_of(node, e.job, coordinator).await?;
     // The robust filter: it compared the merged updates and its outliers, and refused
-    // min(f, m − 3) of them (see the coordinator's docs). The record names the outliers'
+    // min(f − caught, m − 3) of them (see the coordinator's docs). The record names the outliers'
     // commits, which must be the close's outlier verdicts.
     let mut filtered = Vec::new();
     for m in &record.filtered {
@@ -248,11 +248,16 @@ async fn recheck_inner(
     }
     let f = spec.verification.robust.byzantine() as usize;
     let compared = accepted + outliers;
-    let budget = f.min(compared.saturating_sub(3));
+    let caught = close
+        .verdicts
+        .iter()
+        .filter(|v| v.rejected.as_ref().is_some_and(bars))
+        .count();
+    let budget = filter_budget(f, caught, compared);
     if outliers != budget {
         problems.push(format!(
             "the close refuses {outliers} of {compared} updates as outliers; the job's filter \
-             (f = {f}) refuses {budget}"
+             (f = {f}, {caught} caught misbehaving) refuses {budget}"
         ));
     }
     // The plan against the datanets' signed manifests.

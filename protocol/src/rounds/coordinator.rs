@@ -15,8 +15,10 @@
 //! it asks the driver for the pairwise squared distances `‖ΔW_i − ΔW_j‖²_F` of the `m` updates
 //! left after the norm bound ([`CoordinatorAction::Distances`], answered by
 //! [`CoordinatorEvent::Distances`]), scores them itself ([`super::multi_krum_outliers`]) and
-//! refuses the `f` farthest as [`RejectReason::Outlier`]. With `m < f + 3` the filter runs with
-//! `f` lowered to `m − 3` (and not at all for `m ≤ 3`); the quorum counts what is left after the
+//! refuses the `f` farthest as [`RejectReason::Outlier`], less the round's updates already refused
+//! for misbehaviour ([`filter_budget`]: those Byzantine workers are caught, not among the `m`).
+//! With `m < f + 3` the filter runs with `f` lowered to `m − 3` (and not at all for `m ≤ 3`);
+//! the quorum counts what is left after the
 //! filter, so a round whose filter would leave fewer than `min_updates` closes unmerged without
 //! asking for distances. The driver has one validation period (`validate_ms`) from the request
 //! to answer; if it has not by then (a lost or failed computation), the round closes unmerged
@@ -336,6 +338,15 @@ pub fn bars(reason: &RejectReason) -> bool {
             | RejectReason::Shape
             | RejectReason::NonFinite
     )
+}
+
+/// How many of `m` updates Multi-Krum refuses in a round: the job's `f` (the Byzantine updates
+/// it allows for per round) less the `caught` updates of the round already refused for
+/// misbehaviour ([`bars`]), since those Byzantine workers are not among the `m`; and at most
+/// `m − 3`, so that Multi-Krum's scores stay defined. (Barred workers take no part in the round
+/// at all.)
+pub fn filter_budget(f: usize, caught: usize, m: usize) -> usize {
+    f.saturating_sub(caught).min(m.saturating_sub(3))
 }
 
 /// Why a coordinator could not be built or restored.
@@ -931,11 +942,21 @@ impl Coordinator {
             .count()
     }
 
-    /// How many of `m` passed updates the robust filter refuses: the job's `f`, lowered to
-    /// `m − 3` when there are too few updates to score with `f` (Multi-Krum needs `m ≥ f + 3`).
+    /// How many of `m` passed updates the robust filter refuses ([`filter_budget`]): the job's
+    /// `f` less this round's updates refused for misbehaviour, lowered to `m − 3` when there are
+    /// too few updates to score with it (Multi-Krum needs `m ≥ f + 3`).
     fn filter_budget(&self, m: usize) -> usize {
-        let f = self.spec.verification.robust.byzantine() as usize;
-        f.min(m.saturating_sub(3))
+        let caught = self
+            .round
+            .commits
+            .values()
+            .filter(|s| matches!(&s.state, SlotState::Rejected(r) if bars(r)))
+            .count();
+        filter_budget(
+            self.spec.verification.robust.byzantine() as usize,
+            caught,
+            m,
+        )
     }
 
     /// The updates the filter compares: the passed ones, sorted by worker.

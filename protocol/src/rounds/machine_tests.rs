@@ -1035,6 +1035,28 @@ fn four_honest_and(b: Behaviour) -> Vec<Behaviour> {
 }
 
 #[test]
+fn a_worker_caught_misbehaving_uses_up_the_filters_budget() {
+    // f = 1, and the round's one Byzantine worker is caught by a spot check: Multi-Krum refuses
+    // none of the four honest updates (it would refuse one with f counted afresh).
+    let mut net = Net::new(
+        krum_spec(1, 2, 1),
+        &four_honest_and(Behaviour::Bad(RejectReason::SpotCheckMismatch {
+            end_step: 2,
+        })),
+    );
+    net.run(u64::MAX);
+    assert_eq!(net.closes[0].0.outcome, RoundOutcome::Merged);
+    for i in 0..4 {
+        assert_eq!(net.verdict(0, i), Some(None), "worker {i}");
+    }
+    assert_eq!(net.filtered, 0);
+    assert_eq!(filter_budget(1, 1, 4), 0);
+    assert_eq!(filter_budget(3, 1, 10), 2);
+    assert_eq!(filter_budget(3, 0, 4), 1, "at most m - 3");
+    assert_eq!(filter_budget(3, 0, 3), 0);
+}
+
+#[test]
 fn multi_krum_refuses_the_far_update_and_merges_the_rest() {
     let mut net = Net::new(krum_spec(1, 2, 1), &four_honest_and(Behaviour::Opposite));
     net.run(u64::MAX);

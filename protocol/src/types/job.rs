@@ -232,9 +232,11 @@ pub enum RobustAggregation {
     /// Multi-Krum (Blanchard et al., 2017) with up to `f` Byzantine updates per round: each of
     /// the `m` remaining updates is scored by the sum of its `m − f − 2` smallest squared
     /// distances `‖ΔW_i − ΔW_j‖²_F` to the others, and the `f` highest-scoring ones are refused
-    /// as [`crate::types::RejectReason::Outlier`]. Scoring needs `m ≥ f + 3`: a round with fewer
-    /// updates filters with `f` lowered to `m − 3` (no filter at all for `m ≤ 3`). The round's
-    /// quorum counts the updates left after the filter.
+    /// as [`crate::types::RejectReason::Outlier`]; updates of the round already refused for
+    /// misbehaviour (a failed spot check, malformed or non-finite values, ...) count against
+    /// the `f` ([`crate::rounds::coordinator::filter_budget`]). Scoring needs `m ≥ f + 3`: a
+    /// round with fewer updates filters with `f` lowered to `m − 3` (no filter at all for
+    /// `m ≤ 3`). The round's quorum counts the updates left after the filter.
     MultiKrum {
         /// Byzantine updates tolerated per round, at least 1 (no filter is
         /// [`RobustAggregation::None`]); `2f + 3 ≤ max_workers` (Krum's `n > 2f + 2` in a full
