@@ -13,9 +13,10 @@
 //! The merge is recomputed from the merged set (the verdicts without a reason). The robust
 //! filter is recomputed too: the record names the commits Multi-Krum refused
 //! ([`RejectReason::Outlier`]); a merged round refuses exactly `min(f − caught, m − 3)` of the
-//! `m` updates it compared (`caught`: the round's updates refused for misbehaviour), and Multi-Krum over the merged and refused updates' blobs must pick
-//! the same ones. The other refusals (shape, finite values, norm bound, spot checks) are taken
-//! from the signed close, not recomputed: those updates are not part of the record.
+//! `m` updates it compared (`caught`: the round's updates refused for misbehaviour), and
+//! Multi-Krum over the merged and refused updates' blobs must pick the same ones. The other
+//! refusals (shape, finite values, norm bound, spot checks) are taken from the signed close,
+//! not recomputed: those updates are not part of the record.
 
 use std::path::PathBuf;
 use std::sync::Arc;
