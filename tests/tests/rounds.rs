@@ -40,6 +40,34 @@ fn write_facts(path: &std::path::Path, n: usize) {
     }
 }
 
+/// A generated tiny model at `dir/tiny.gguf`, and a node at `dir/a` that publishes the datanet
+/// `velmora` (160 facts in at least five shards).
+fn tiny_model_and_velmora(dir: &std::path::Path) -> (Node, std::path::PathBuf) {
+    let model = dir.join("tiny.gguf");
+    success(
+        cohort(&dir.join("unused"))
+            .args(["model", "tiny"])
+            .arg(&model)
+            .output()
+            .unwrap(),
+    );
+    let a = Node::start(&dir.join("a"), &[]);
+    a.json(&["datanet", "create", "velmora", "--schema", "chat"]);
+    let file = dir.join("facts.jsonl");
+    write_facts(&file, 160);
+    let added = a.json(&[
+        "datanet",
+        "add",
+        "velmora",
+        file.to_str().unwrap(),
+        "--shard-bytes",
+        "3000",
+    ]);
+    assert!(added["shards"].as_array().unwrap().len() >= 5, "{added}");
+    a.json(&["datanet", "publish", "velmora"]);
+    (a, model)
+}
+
 fn job_status(node: &Node, job: &str) -> Value {
     node.json(&["job", "status", job])
 }
@@ -68,30 +96,8 @@ fn verdict<'a>(round: &'a Value, peer: &str) -> Option<&'a Value> {
 #[test]
 fn a_federated_job_survives_dropouts_bad_updates_and_a_coordinator_restart() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny.gguf");
-    success(
-        cohort(&tmp.path().join("unused"))
-            .args(["model", "tiny"])
-            .arg(&model)
-            .output()
-            .unwrap(),
-    );
-
     // The data owner, who also coordinates the job.
-    let mut a = Node::start(&tmp.path().join("a"), &[]);
-    a.json(&["datanet", "create", "velmora", "--schema", "chat"]);
-    let file = tmp.path().join("facts.jsonl");
-    write_facts(&file, 160);
-    let added = a.json(&[
-        "datanet",
-        "add",
-        "velmora",
-        file.to_str().unwrap(),
-        "--shard-bytes",
-        "3000",
-    ]);
-    assert!(added["shards"].as_array().unwrap().len() >= 5, "{added}");
-    a.json(&["datanet", "publish", "velmora"]);
+    let (mut a, model) = tiny_model_and_velmora(tmp.path());
 
     let boot = a.bootstrap.clone();
     let v1 = Node::start(
@@ -251,14 +257,24 @@ fn a_federated_job_survives_dropouts_bad_updates_and_a_coordinator_restart() {
     assert_eq!(rounds[1]["outcome"], "Merged", "{status}\n{}", a.logs());
     // The NaN volunteer and the one caught by a spot check are barred from round 1 (the bar
     // survived the coordinator's restart); the oversized one is not (the norm bound also
-    // catches honest outliers), and is refused again when it made it into round 1 (it has to
-    // find the restarted coordinator within the enrolment period).
+    // catches honest outliers). When it made it into round 1 (it has to find the restarted
+    // coordinator within the enrolment period) with at least two good updates, the norm bound
+    // refuses it again; beside a single good update the median of two is their mean, which
+    // neither exceeds threefold, so the bound cannot refuse it there.
     for cheat in [&bad, &liar] {
         assert!(verdict(&rounds[1], &cheat.id).is_none(), "{status}");
     }
-    if let Some(v) = verdict(&rounds[1], &big.id) {
-        assert_eq!(v["rejected"], "NormBound", "{status}");
+    let big_again = verdict(&rounds[1], &big.id).map(|v| v["rejected"].clone());
+    let others_merged = rounds[1]["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["worker"] != big.id.as_str() && v["rejected"].is_null())
+        .count();
+    if big_again.is_some() && others_merged >= 2 {
+        assert_eq!(big_again, Some(Value::from("NormBound")), "{status}");
     }
+    let big_failed = 1 + usize::from(big_again == Some(Value::from("NormBound")));
 
     // Every peer pulls the coordinator's chain and verifies it.
     for peer in [&a, &v1, &v2, &bad, &big, &liar, &consumer, &wary] {
@@ -294,15 +310,19 @@ fn a_federated_job_survives_dropouts_bad_updates_and_a_coordinator_restart() {
         totals["volunteer_tokens"][&v1.id].as_u64().unwrap() > 0,
         "{totals}"
     );
-    for (cheat, failed) in [(&bad, 1), (&big, 2), (&liar, 1)] {
+    for (cheat, failed) in [(&bad, 1), (&big, big_failed), (&liar, 1)] {
         assert_eq!(
             totals["volunteer_failed_updates"][&cheat.id], failed,
             "{totals}"
         );
-        assert!(
-            totals["volunteer_tokens"].get(&cheat.id).is_none(),
-            "{totals}"
-        );
+        // Credit only for verified work: none unless the oversized update slipped through
+        // beside a single other one (above).
+        if failed == 2 || cheat.id != big.id {
+            assert!(
+                totals["volunteer_tokens"].get(&cheat.id).is_none(),
+                "{totals}"
+            );
+        }
     }
     let owner_credit: f64 = totals["contributors"][&a.id]
         .as_str()
@@ -468,28 +488,7 @@ fn chain_report<'a>(report: &'a Value, coordinator: &str) -> &'a Value {
 #[test]
 fn ledger_verify_recomputes_the_robust_filter() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny.gguf");
-    success(
-        cohort(&tmp.path().join("unused"))
-            .args(["model", "tiny"])
-            .arg(&model)
-            .output()
-            .unwrap(),
-    );
-    let a = Node::start(&tmp.path().join("a"), &[]);
-    a.json(&["datanet", "create", "velmora", "--schema", "chat"]);
-    let file = tmp.path().join("facts.jsonl");
-    write_facts(&file, 160);
-    let added = a.json(&[
-        "datanet",
-        "add",
-        "velmora",
-        file.to_str().unwrap(),
-        "--shard-bytes",
-        "3000",
-    ]);
-    assert!(added["shards"].as_array().unwrap().len() >= 5, "{added}");
-    a.json(&["datanet", "publish", "velmora"]);
+    let (a, model) = tiny_model_and_velmora(tmp.path());
     let boot = a.bootstrap.clone();
     let liar = Node::start(
         &tmp.path().join("liar"),

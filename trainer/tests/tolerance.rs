@@ -384,6 +384,15 @@ enum Forgery {
     NoiseOnB(u8),
 }
 
+/// The forgeries the measurements try on every segment.
+const MEASURED_FORGERIES: [Forgery; 5] = [
+    Forgery::SkippedStep,
+    Forgery::OtherExample,
+    Forgery::NoiseOnB(3),
+    Forgery::NoiseOnB(2),
+    Forgery::NoiseOnB(1),
+];
+
 /// The honest end state with noise on every `B` of Frobenius size `rel` times the segment's
 /// update of that `B` (from `start`).
 fn noisy_b(start: &TrainState, honest: &TrainState, rel: f64, seed: u64) -> TrainState {
@@ -768,13 +777,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[ignore = "a measurement: minutes"]
 fn measure_tolerance_across_kernel_classes() {
     use std::collections::BTreeMap;
-    let forgeries = [
-        Forgery::SkippedStep,
-        Forgery::OtherExample,
-        Forgery::NoiseOnB(3),
-        Forgery::NoiseOnB(2),
-        Forgery::NoiseOnB(1),
-    ];
+    let forgeries = MEASURED_FORGERIES;
     let started = std::time::Instant::now();
     // Index 0: the runs' first segments (from step 0: a fresh optimizer); 1: the others.
     let mut honest: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
@@ -951,13 +954,7 @@ fn measure_tolerance_on_the_default_model() {
             ..LoraSpec::default()
         },
     };
-    let forgeries = [
-        Forgery::SkippedStep,
-        Forgery::OtherExample,
-        Forgery::NoiseOnB(3),
-        Forgery::NoiseOnB(2),
-        Forgery::NoiseOnB(1),
-    ];
+    let forgeries = MEASURED_FORGERIES;
     let started = std::time::Instant::now();
     let mut honest: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut forged: [BTreeMap<Forgery, Vec<f64>>; 2] = [BTreeMap::new(), BTreeMap::new()];
