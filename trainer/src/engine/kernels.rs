@@ -644,6 +644,20 @@ mod avx512 {
         sum
     }
 
+    /// The value of each 4-bit code 0..=15 plus `bias` (0 for Q4_1, −8 for Q4_0), lane `k`
+    /// holding code `k`: the lookup table of the Q4 kernels.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn nibble_values(bias: f32) -> __m512 {
+        _mm512_add_ps(
+            _mm512_set_ps(
+                15.0, 14.0, 13.0, 12.0, 11.0, 10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0,
+                0.0,
+            ),
+            _mm512_set1_ps(bias),
+        )
+    }
+
     /// Σ over blocks of a Q4_1 (`MIN`) or Q4_0 row times `x` (f32). Two blocks per step into
     /// two accumulators, so consecutive fused multiply-adds do not wait on each other.
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
@@ -652,14 +666,7 @@ mod avx512 {
         let blocks = row.len() / bb;
         assert!(row.len() == blocks * bb && x.len() >= blocks * 32 && xsum.len() >= blocks);
         let (rp, xp) = (row.as_ptr(), x.as_ptr());
-        let bias = if MIN { 0.0 } else { -8.0 };
-        let table = _mm512_add_ps(
-            _mm512_set_ps(
-                15.0, 14.0, 13.0, 12.0, 11.0, 10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0,
-                0.0,
-            ),
-            _mm512_set1_ps(bias),
-        );
+        let table = nibble_values(if MIN { 0.0 } else { -8.0 });
         let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let (mut off0, mut off1) = (0f32, 0f32);
         macro_rules! block {
@@ -906,14 +913,7 @@ mod avx512 {
                 && (!MIN || blocks == 0 || mins.len() > (blocks - 1) * stride)
         );
         let (rp, op) = (row.as_ptr(), out.as_mut_ptr());
-        let bias = if MIN { 0.0 } else { -8.0 };
-        let table = _mm512_add_ps(
-            _mm512_set_ps(
-                15.0, 14.0, 13.0, 12.0, 11.0, 10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0,
-                0.0,
-            ),
-            _mm512_set1_ps(bias),
-        );
+        let table = nibble_values(if MIN { 0.0 } else { -8.0 });
         for b in 0..blocks {
             // SAFETY: block b < blocks: its bb bytes lie inside `row`, its 32 floats inside
             // `out` (asserted above).
